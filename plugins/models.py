@@ -1,0 +1,173 @@
+"""Built-in model loaders: sdbatch-tiny by name, a diffusers folder, a single file, a hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from sdbatch import hookimpl
+from sdbatch.api import ModelInfo, ModelLoader, ModelRequest
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def read_defaults(folder: Path) -> dict:
+    """Recommended settings a model folder ships in sdbatch.json (width, height, steps, ...)."""
+    path = folder / "sdbatch.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    keys = ("width", "height", "steps", "guidance", "sampler")
+    return {k: data[k] for k in keys if k in data}
+
+
+def _resolve(ref: str, folder: str) -> Path:
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else Path(folder) / path
+
+
+def _load_folder(info: ModelInfo, device: str, dtype: str):
+    """Load a diffusers folder (or cached hub id) with safetensors unless pickle is allowed."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdbatch.models import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype, device)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        info.location,
+        torch_dtype=torch_dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+        use_safetensors=None if info.allow_pickle else True,
+        local_files_only=info.kind != "hub" or bool(os.environ.get("HF_HUB_OFFLINE")),
+    )
+    return _model_from_pipeline(info, pipe, device, torch_dtype)
+
+
+def _model_from_pipeline(info: ModelInfo, pipe, device: str, torch_dtype):
+    from sdbatch.models import Model, weights_hash
+
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    location = Path(info.location)
+    digest = weights_hash(location) if location.exists() else ""
+    return Model(
+        info=info, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet,
+        vae=pipe.vae, scheduler_config=dict(pipe.scheduler.config), device=device,
+        dtype=torch_dtype, hash=digest[:10],
+    )
+
+
+class TinyLoader(ModelLoader):
+    """``sdbatch-tiny``: the small model the project trains and ships (the default)."""
+
+    name = "sdbatch-tiny"
+    description = "the offline default model shipped inside sdbatch"
+
+    def describe(self, request: ModelRequest) -> ModelInfo | None:
+        if request.ref != "sdbatch-tiny":
+            return None
+        from sdbatch.tiny import model_path
+
+        folder = model_path()
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"sdbatch-tiny is not present at {folder}; reinstall sdbatch or see README.md")
+        return ModelInfo(request.ref, str(folder), "diffusers-folder", defaults=read_defaults(folder))
+
+    def load(self, info: ModelInfo, device: str, dtype: str):
+        return _load_folder(info, device, dtype)
+
+
+class FolderLoader(ModelLoader):
+    """A local diffusers folder (with model_index.json)."""
+
+    name = "diffusers-folder"
+    description = "a local folder in the diffusers layout"
+
+    def describe(self, request: ModelRequest) -> ModelInfo | None:
+        path = _resolve(request.ref, request.folder)
+        if not path.is_dir():
+            return None
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{path} is a folder but has no model_index.json (not a diffusers model)")
+        if not request.allow_pickle and not any(path.rglob("*.safetensors")):
+            raise ValueError(f"{path} has no .safetensors weights; pickle weights run code when loaded, "
+                             "set allow_pickle: true if you trust them")
+        return ModelInfo(request.ref, str(path), "diffusers-folder", defaults=read_defaults(path),
+                         allow_pickle=request.allow_pickle)
+
+    def load(self, info: ModelInfo, device: str, dtype: str):
+        return _load_folder(info, device, dtype)
+
+
+class SingleFileLoader(ModelLoader):
+    """One checkpoint file (.safetensors; .ckpt only with allow_pickle) as A1111 users keep them."""
+
+    name = "single-file"
+    description = "a single-file checkpoint in the original (LDM) layout"
+
+    def describe(self, request: ModelRequest) -> ModelInfo | None:
+        if not request.ref.lower().endswith(SINGLE_FILE_SUFFIXES):
+            return None
+        path = _resolve(request.ref, request.folder)
+        if not path.is_file():
+            raise ValueError(f"model file not found: {request.ref} (looked for {path})")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not request.allow_pickle:
+            raise ValueError(f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                             "convert it to .safetensors, or set allow_pickle: true if you trust it")
+        config = request.config
+        if config and Path(_resolve(config, request.folder)).is_dir():
+            config = str(_resolve(config, request.folder))
+        return ModelInfo(request.ref, str(path), "single-file", allow_pickle=request.allow_pickle,
+                         config=config, defaults=read_defaults(path.parent) if config is None else {})
+
+    def load(self, info: ModelInfo, device: str, dtype: str):
+        from diffusers import StableDiffusionPipeline
+
+        from sdbatch.models import resolve_dtype
+
+        torch_dtype = resolve_dtype(dtype, device)
+        kwargs = {"config": info.config, "local_files_only": True} if info.config else {}
+        pipe = StableDiffusionPipeline.from_single_file(
+            info.location, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **kwargs
+        )
+        return _model_from_pipeline(info, pipe, device, torch_dtype)
+
+
+class HubLoader(ModelLoader):
+    """A Hugging Face hub id (``org/name``), used from the local cache when offline."""
+
+    name = "hub"
+    description = "a Hugging Face hub id, from the local cache when offline"
+
+    def describe(self, request: ModelRequest) -> ModelInfo | None:
+        if not HUB_ID.fullmatch(request.ref) or _resolve(request.ref, request.folder).exists():
+            return None
+        if os.environ.get("HF_HUB_OFFLINE") and not _hub_cached(request.ref):
+            raise ValueError(f"hub model '{request.ref}' is not in the local cache and HF_HUB_OFFLINE is set")
+        return ModelInfo(request.ref, request.ref, "hub", allow_pickle=request.allow_pickle)
+
+    def load(self, info: ModelInfo, device: str, dtype: str):
+        return _load_folder(info, device, dtype)
+
+
+def _hub_cached(repo_id: str) -> bool:
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+    return (Path(cache) / ("models--" + repo_id.replace("/", "--"))).is_dir()
+
+
+@hookimpl(trylast=True)
+def register_model_loaders(register):
+    """Built-in loaders, asked after any a plugin adds."""
+    for loader in (TinyLoader(), FolderLoader(), SingleFileLoader(), HubLoader()):
+        register(loader)

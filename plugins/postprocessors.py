@@ -1,0 +1,86 @@
+"""Built-in post-processors: Lanczos resize and an invisible watermark."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sdbatch import hookimpl
+from sdbatch.api import PostProcessor
+
+
+@dataclass
+class ResizeOptions:
+    scale: float | None = field(default=None, metadata={"min": 0.01, "max": 16.0, "help": "factor, e.g. 2"})
+    width: int | None = field(default=None, metadata={"min": 1, "max": 16384})
+    height: int | None = field(default=None, metadata={"min": 1, "max": 16384})
+
+
+class Resize(PostProcessor):
+    """Resize with Lanczos: by ``scale``, or to ``width``/``height`` (one keeps the aspect ratio)."""
+
+    name = "resize"
+    description = "Lanczos resize by scale or to a size"
+    Options = ResizeOptions
+
+    def apply(self, image, options, item):
+        from PIL import Image
+
+        width, height = image.size
+        if options.scale is not None:
+            size = (round(width * options.scale), round(height * options.scale))
+        elif options.width and options.height:
+            size = (options.width, options.height)
+        elif options.width:
+            size = (options.width, round(height * options.width / width))
+        elif options.height:
+            size = (round(width * options.height / height), options.height)
+        else:
+            return image
+        return image.resize(size, Image.Resampling.LANCZOS)
+
+
+@dataclass
+class WatermarkOptions:
+    text: str = field(default="sdbatch", metadata={"help": "the message embedded (ASCII)"})
+    method: str = field(default="dwtDct", metadata={"help": "dwtDct, dwtDctSvd or rivaGan"})
+
+
+class Watermark(PostProcessor):
+    """An invisible watermark (the invisible-watermark library, as Stability's scripts use).
+
+    dwtDct needs images of at least 256x256: put a resize before it for smaller outputs.
+    """
+
+    name = "watermark"
+    description = "invisible watermark (imwatermark), readable with 'decode_watermark'"
+    Options = WatermarkOptions
+
+    def apply(self, image, options, item):
+        import numpy as np
+        from imwatermark import WatermarkEncoder
+        from PIL import Image
+
+        if min(image.size) < 256:
+            raise ValueError(f"watermark needs an image of at least 256x256, got {image.size[0]}x{image.size[1]}; "
+                             "add a resize before it")
+        encoder = WatermarkEncoder()
+        encoder.set_watermark("bytes", options.text.encode())
+        bgr = np.asarray(image.convert("RGB"))[:, :, ::-1]
+        marked = encoder.encode(np.ascontiguousarray(bgr), options.method)
+        return Image.fromarray(np.ascontiguousarray(marked[:, :, ::-1]))
+
+
+def decode_watermark(image, length: int, method: str = "dwtDct") -> bytes:
+    """Read back a watermark of ``length`` bytes from a PIL image."""
+    import numpy as np
+    from imwatermark import WatermarkDecoder
+
+    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    return WatermarkDecoder("bytes", length * 8).decode(bgr, method)
+
+
+@hookimpl(trylast=True)
+def register_postprocessors(register):
+    """Resize and watermark."""
+    register(Resize())
+    register(Watermark())

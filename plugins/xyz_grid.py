@@ -1,0 +1,152 @@
+"""An X/Y(/Z) plot like AUTOMATIC1111's: one labelled grid image per Z value and other-axis combination."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import textwrap
+from dataclasses import dataclass, field
+
+from sdbatch import hookimpl
+from sdbatch.api import Writer
+from sdbatch.output import check_template
+
+
+@dataclass
+class GridOptions:
+    x: str = field(metadata={"help": "the sweep axis across the columns"})
+    y: str | None = field(default=None, metadata={"help": "the sweep axis down the rows"})
+    z: str | None = field(default=None, metadata={"help": "one grid per value of this axis"})
+    path: str = field(default="grids/{job}-{name}.png", metadata={"help": "fields: {job}, {name} (the fixed axis values)"})
+    font_size: int = field(default=14, metadata={"min": 6, "max": 128})
+    margin: int = field(default=0, metadata={"min": 0, "max": 256})
+
+
+class XYZGrid(Writer):
+    """Writes grids at the end of the run from the images an image writer stored."""
+
+    name = "xyz_grid"
+    description = "A1111-style X/Y/Z plot with axis labels"
+    Options = GridOptions
+
+    @classmethod
+    def check(cls, options, job) -> list[str]:
+        problems = check_template(options.path, fields={"job", "name"})
+        axis_names = [name for axis in job.plan.axes for name in axis.names]
+        for role in ("x", "y", "z"):
+            name = getattr(options, role)
+            if name is not None and name not in axis_names:
+                shown = ", ".join(axis_names) or "none (add a sweep)"
+                problems.append(f"{role}: '{name}' is not a sweep axis of this job; axes: {shown}")
+        if not any(writer_class.writes_images for writer_class, _options, _use in job.writers):
+            problems.append("needs an image writer (png, jpeg or webp) in outputs to read cells from")
+        return problems
+
+    def finish(self, entries) -> list:
+        """Compose the grids from the finished items' image files."""
+        from PIL import Image
+
+        opts, plan = self.options, self.context.job.plan
+        values = {name: _axis_values(plan, name) for name in (opts.x, opts.y, opts.z) if name}
+        chosen = set(values)
+        by_key = {}
+        for entry in entries:
+            axes = entry.item.get("axes", {})
+            path = entry.image_path()
+            if path is not None:
+                by_key[tuple(sorted((k, _key(v)) for k, v in axes.items()))] = self.context.out.root / path
+        others = [name for axis in plan.axes for name in axis.names if name not in chosen]
+        other_values = [_axis_values(plan, name) for name in others]
+        written = []
+        z_values = values.get(opts.z, [None]) if opts.z else [None]
+        for rest in itertools.product(*other_values):
+            fixed = dict(zip(others, rest))
+            for z in z_values:
+                cells = self._cells(values, fixed, z, by_key)
+                if not any(cell is not None for row in cells for cell in row):
+                    continue
+                grid = self._compose(cells, values, Image)
+                suffix = "-".join(_short(v) for v in list(rest) + ([z] if opts.z else []))
+                relpath = opts.path.format(job=self.context.job_name, name=suffix or "all")
+                buffer = io.BytesIO()
+                grid.save(buffer, "PNG")
+                written.append(self.context.out.write_bytes(relpath, buffer.getvalue(), "xyz_grid", self.name).path)
+        return written
+
+    def _cells(self, values, fixed, z, by_key):
+        opts = self.options
+        rows = values.get(opts.y, [None]) if opts.y else [None]
+        cells = []
+        for y in rows:
+            row = []
+            for x in values[opts.x]:
+                axes = dict(fixed)
+                axes[opts.x] = x
+                if opts.y:
+                    axes[opts.y] = y
+                if opts.z:
+                    axes[opts.z] = z
+                key = tuple(sorted((k, _key(v)) for k, v in axes.items()))
+                row.append(by_key.get(key))
+            cells.append(row)
+        return cells
+
+    def _compose(self, cells, values, Image):
+        from PIL import ImageDraw, ImageFont
+
+        opts = self.options
+        first = next(cell for row in cells for cell in row if cell is not None)
+        with Image.open(first) as probe:
+            cell_w, cell_h = probe.size
+        font = ImageFont.load_default(size=opts.font_size)
+        x_labels = [_label(opts.x, v) for v in values[opts.x]]
+        y_labels = [_label(opts.y, v) for v in values[opts.y]] if opts.y else []
+        wrap = max(8, cell_w // max(1, opts.font_size // 2))
+        line_h = opts.font_size + 4
+        top = line_h * max(len(textwrap.wrap(t, wrap)) or 1 for t in x_labels) + 8
+        left = (max(int(font.getlength(t)) for t in y_labels) + 16) if y_labels else 0
+        width = left + len(x_labels) * cell_w + (len(x_labels) - 1) * opts.margin
+        height = top + len(cells) * cell_h + (len(cells) - 1) * opts.margin
+        grid = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(grid)
+        for col, text in enumerate(x_labels):
+            x0 = left + col * (cell_w + opts.margin)
+            for n, line in enumerate(textwrap.wrap(text, wrap) or [""]):
+                draw.text((x0 + cell_w / 2, 4 + n * line_h), line, fill="black", font=font, anchor="mt")
+        for row, cells_row in enumerate(cells):
+            y0 = top + row * (cell_h + opts.margin)
+            if y_labels:
+                draw.text((left - 8, y0 + cell_h / 2), y_labels[row], fill="black", font=font, anchor="rm")
+            for col, cell in enumerate(cells_row):
+                if cell is not None:
+                    with Image.open(cell) as image:
+                        grid.paste(image.convert("RGB").resize((cell_w, cell_h)), (left + col * (cell_w + opts.margin), y0))
+        return grid
+
+
+def _axis_values(plan, name: str) -> list:
+    for axis in plan.axes:
+        if name in axis.names:
+            seq = axis.values[axis.names.index(name)]
+            return [v[1] if name == "prompt" else v for v in seq]
+    return []
+
+
+def _key(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _label(name: str, value) -> str:
+    return str(value) if name == "prompt" else f"{name}: {value}"
+
+
+def _short(value) -> str:
+    from sdbatch.plan import slug
+
+    return slug(str(value), 24)
+
+
+@hookimpl(trylast=True)
+def register_writers(register):
+    """The X/Y/Z grid writer."""
+    register(XYZGrid)

@@ -1,0 +1,179 @@
+"""The ``sdbatch`` command line. Heavy libraries load only in commands that render."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import SdbatchError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except SdbatchError as exc:
+        print(f"sdbatch: error: {exc}" if exc.exit_code != 2 else str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sdbatch: interrupted; finished items are kept, run again to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `sdbatch plan ... | head`
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdbatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sdbatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check job files; print every problem with file:line:column")
+    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("plan", help="show the items a job expands to (no model is loaded)")
+    p.add_argument("job")
+    p.add_argument("--count", action="store_true", help="print only the number of items")
+    p.add_argument("--limit", type=int, default=None, help="show at most N items")
+    p.add_argument("--offset", type=int, default=0, help="start at item N")
+    p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("run", help="render a job; re-running it renders only what is missing")
+    p.add_argument("job")
+    p.add_argument("-o", "--output", default="out", help="output folder (default: out)")
+    p.add_argument("--batch-size", type=int, default=None, help="override the job's batch_size")
+    p.add_argument("--device", default=None, help="override the job's device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--limit", type=int, default=None, help="render only the first N items of the plan")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("plugins", help="list every plugin and what it registers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_plugins)
+
+    p = sub.add_parser("info", help="read the generation parameters back from image files")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--json", action="store_true", help="print the full sdbatch record as JSON")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("make-test-model", help="build a tiny random Stable Diffusion for offline tests")
+    p.add_argument("folder")
+    p.add_argument("--single-file", default=None, help="also write an LDM-layout .safetensors checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_make_test_model)
+    return parser
+
+
+def _registry():
+    from .plugins import load_registry
+
+    registry = load_registry()
+    for failure in registry.failures:
+        print(f"sdbatch: warning: plugin {failure.origin} failed to load: {failure.error}", file=sys.stderr)
+    return registry
+
+
+def cmd_validate(args) -> int:
+    from .errors import JobError
+    from .job import load_job
+
+    registry, status = _registry(), 0
+    for path in args.jobs:
+        try:
+            job = load_job(path, registry)
+        except JobError as exc:
+            print(exc, file=sys.stderr)
+            status = exc.exit_code
+            continue
+        print(f"{path}: ok, {len(job.plan)} items")
+    return status
+
+
+def cmd_plan(args) -> int:
+    from .job import load_job
+
+    job = load_job(args.job, _registry())
+    if args.count:
+        print(len(job.plan))
+        return 0
+    stop = len(job.plan) if args.limit is None else args.offset + args.limit
+    out = sys.stdout
+    for item in job.plan.items(args.offset, stop):
+        out.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .job import load_job
+    from .run import LocalExecutor
+
+    registry = _registry()
+    job = load_job(args.job, registry)
+    executor = LocalExecutor(job, registry, args.output, batch_size=args.batch_size, device=args.device,
+                             quiet=args.quiet, limit=args.limit)
+    summary = executor.run()
+    if not args.quiet:
+        print(
+            f"sdbatch: {summary.rendered} rendered, {summary.already_done} already done, {summary.failed} failed "
+            f"of {summary.total} in {summary.seconds:.1f}s ({summary.images_per_second:.2f} images/s); "
+            f"output: {args.output}",
+            file=sys.stderr,
+        )
+    return 1 if summary.failed else 0
+
+
+def cmd_plugins(args) -> int:
+    registry = _registry()
+    rows = [
+        {"kind": e.kind, "name": e.name, "plugin": e.origin.plugin, "package": e.origin.package,
+         "version": e.origin.version, "aliases": list(e.aliases)}
+        for e in registry
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    widths = [max(len(str(r[k])) for r in rows + [dict(kind="KIND", name="NAME", plugin="PLUGIN", package="PACKAGE", version="VERSION")]) for k in ("kind", "name", "plugin", "package")]
+    header = ("KIND", "NAME", "PLUGIN", "PACKAGE", "VERSION")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths + [0])).rstrip())
+    for r in rows:
+        cells = [r["kind"], r["name"], r["plugin"], r["package"], r["version"]]
+        print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths + [0])).rstrip())
+    for failure in registry.failures:
+        print(f"FAILED  {failure.origin}: {failure.error}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .metadata import read_image_metadata
+
+    status = 0
+    for path in args.images:
+        try:
+            meta = read_image_metadata(path)
+        except (OSError, ValueError) as exc:
+            print(f"{path}: cannot read: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        if args.json:
+            print(json.dumps({"file": path, **meta}, indent=2, ensure_ascii=False))
+        elif meta["parameters"]:
+            print(f"{path}:\n{meta['parameters']}\n")
+        else:
+            print(f"{path}: no generation parameters found", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_make_test_model(args) -> int:
+    from .testmodel import build_tiny_model
+
+    folder = build_tiny_model(args.folder, seed=args.seed, single_file=args.single_file)
+    print(f"tiny test model written to {folder}" + (f" and {args.single_file}" if args.single_file else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The job file schema and its validation into a Job (spec + plan), collecting every problem.
+
+A job file is YAML. Every key below is optional except where a model has no default;
+see README.md ("Job file reference") for a commented example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .api import ModelRequest, PluginUse
+from .errors import JobError, KeyPath, did_you_mean
+from .plan import SIZE_PATTERN, Axis, Plan, SeedRange, expand_prompts, PromptError
+from .plugins import Registry
+from .schema import Checker, Invalid, option_fields
+from .yamlsource import Source, load_file, load_text
+
+MAX_SEED = 2**32 - 1
+
+
+def _m(**meta) -> dict:
+    return meta
+
+
+@dataclass
+class JobSpec:
+    """The top level of a job file."""
+
+    name: str | None = None
+    model: str = field(default="sdbatch-tiny", metadata=_m(help="a registered name, a diffusers folder, a .safetensors file or a hub id"))
+    allow_pickle: bool = field(default=False, metadata=_m(help="allow .ckpt/.bin pickle checkpoints, which can run code"))
+    model_config: str | None = field(default=None, metadata=_m(help="diffusers folder or hub id with configs for a single-file model"))
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    batch_size: int = field(default=1, metadata=_m(min=1, max=1024))
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = field(default=0, metadata=_m(min=0, max=MAX_SEED))
+    steps: int | None = field(default=None, metadata=_m(min=1, max=1000))
+    guidance: float | None = field(default=None, metadata=_m(min=0.0, max=100.0))
+    sampler: str | None = None
+    width: int | None = field(default=None, metadata=_m(min=8, max=8192, multiple_of=8))
+    height: int | None = field(default=None, metadata=_m(min=8, max=8192, multiple_of=8))
+    wildcards: str | None = field(default=None, metadata=_m(folder=True))
+    sweep: dict[str, Any] = field(default_factory=dict)
+    zip: list[list[str]] = field(default_factory=list)
+    conditioners: Any = field(default_factory=lambda: ["text"])
+    postprocess: Any = field(default_factory=list)
+    outputs: Any = field(default_factory=lambda: ["png"])
+
+
+#: Item fields a sweep can vary directly: name -> (type, metadata)
+FIELD_AXES: dict[str, tuple[Any, dict]] = {
+    "prompt": (str, {}),
+    "negative_prompt": (str, {}),
+    "seed": (int, {"min": 0, "max": MAX_SEED}),
+    "steps": (int, {"min": 1, "max": 1000}),
+    "guidance": (float, {"min": 0.0, "max": 100.0}),
+    "sampler": (str, {}),
+    "width": (int, {"min": 8, "max": 8192, "multiple_of": 8}),
+    "height": (int, {"min": 8, "max": 8192, "multiple_of": 8}),
+    "size": (str, {"help": "WIDTHxHEIGHT, e.g. 512x768"}),
+    "model": (str, {}),
+}
+
+#: plugin-use list key in the job -> registry kind
+USE_KINDS = {"conditioners": "conditioner", "postprocess": "postprocessor", "outputs": "writer"}
+
+
+@dataclass
+class Job:
+    """A validated job: its spec, plugin uses, outputs and lazy plan."""
+
+    spec: JobSpec
+    source: Source
+    plan: Plan
+    uses: dict  # job key -> list[PluginUse] (names resolved, options as plain data)
+    writers: list  # (Writer class, Options instance, PluginUse)
+
+    @property
+    def filename(self) -> str:
+        return self.source.filename
+
+
+def load_job(path, registry: Registry) -> Job:
+    """Read, validate and plan a job file; raise JobError listing every problem."""
+    return validate_source(load_file(path), registry)
+
+
+def load_job_text(text: str, registry: Registry, filename: str = "<job>") -> Job:
+    return validate_source(load_text(text, filename), registry)
+
+
+def validate_source(source: Source, registry: Registry) -> Job:
+    checker = Checker(source)
+    try:
+        spec = checker.dataclass(source.data, JobSpec, ())
+    except Invalid:
+        spec = None
+    if spec is None:
+        # Keep going with what parsed, so one run reports as much as possible.
+        spec = _partial_spec(source, checker)
+    validator = _Validator(source, checker, registry, spec)
+    job = validator.run()
+    if checker.problems:
+        raise JobError(source.filename, checker.problems)
+    return job
+
+
+def _partial_spec(source: Source, checker: Checker) -> JobSpec:
+    """A spec from the keys that did validate (the rest take defaults)."""
+    data = source.data if isinstance(source.data, dict) else {}
+    spec = JobSpec()
+    scratch = Checker(source)
+    from .schema import option_fields as fields_of
+
+    for name, (tp, meta) in fields_of(JobSpec).items():
+        if name in data:
+            try:
+                setattr(spec, name, scratch.convert(data[name], tp, (name,), meta))
+            except Invalid:
+                pass
+    return spec
+
+
+class _Validator:
+    """Checks everything beyond types: plugin names and options, sweeps, models."""
+
+    def __init__(self, source: Source, checker: Checker, registry: Registry, spec: JobSpec):
+        self.source, self.checker, self.registry, self.spec = source, checker, registry, spec
+
+    def fail(self, path: KeyPath, message: str) -> None:
+        self.checker.fail(path, message)
+
+    def run(self) -> Job:
+        spec = self.spec
+        uses = {key: self._uses(key) for key in USE_KINDS}
+        writers = self._writers(uses["outputs"])
+        self._sampler(spec.sampler, ("sampler",))
+        models = self._models(spec)
+        axes = self._axes(spec, uses, models)
+        plan = Plan(
+            base=spec, axes=axes, models=models,
+            conditioners=tuple(uses["conditioners"]), postprocess=tuple(uses["postprocess"]),
+        )
+        job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
+        for writer_class, options, use, index in writers:
+            for message in writer_class.check(options, job):
+                self.fail(("outputs", index, use.name), message)
+        return job
+
+    # -- plugin uses -------------------------------------------------------------
+    def _uses(self, key: str) -> list[PluginUse]:
+        value = getattr(self.spec, key)
+        kind = USE_KINDS[key]
+        if not isinstance(value, list):
+            self.fail((key,), f"expected a list of {kind}s (a name, or a mapping of name to options)")
+            return []
+        result = []
+        for index, raw in enumerate(value):
+            path = (key, index)
+            if isinstance(raw, str):
+                name, options = raw, {}
+            elif isinstance(raw, dict) and len(raw) == 1:
+                name, options = next(iter(raw.items()))
+                path = path + (name,)
+                options = {} if options is None else options
+            else:
+                self.fail(path, f"expected a {kind} name or a one-key mapping {{name: {{options}}}}, got {raw!r}")
+                continue
+            entry = self.registry.get(kind, str(name))
+            if entry is None:
+                self.fail(path, self.registry.unknown_message(kind, str(name)))
+                continue
+            plugin = entry.obj
+            try:
+                parsed = self.checker.convert(options, plugin.Options, path)
+            except Invalid:
+                continue
+            result.append(PluginUse(entry.name, _as_plain(parsed, options)))
+        return result
+
+    def _writers(self, outputs: list[PluginUse]) -> list:
+        writers = []
+        for index, use in enumerate(outputs):
+            cls = self.registry.get("writer", use.name).obj
+            writers.append((cls, cls.Options(**use.options), use, index))
+        return writers
+
+    def _sampler(self, name: str | None, path: KeyPath) -> None:
+        if name is not None and self.registry.get("sampler", name) is None:
+            self.fail(path, self.registry.unknown_message("sampler", name))
+
+    # -- models ---------------------------------------------------------------------
+    def _models(self, spec: JobSpec) -> dict:
+        refs = [(spec.model, ("model",))]
+        sweep_models = spec.sweep.get("model") if isinstance(spec.sweep, dict) else None
+        if isinstance(sweep_models, list):
+            refs += [(ref, ("sweep", "model", i)) for i, ref in enumerate(sweep_models) if isinstance(ref, str)]
+        infos = {}
+        for ref, path in refs:
+            if ref not in infos:
+                info = self.describe_model(ref, path)
+                if info is not None:
+                    infos[ref] = info
+        return infos
+
+    def describe_model(self, ref: str, path: KeyPath):
+        request = ModelRequest(ref, str(self.source.folder), self.spec.allow_pickle, self.spec.model_config)
+        for entry in self.registry.entries["model_loader"].values():
+            try:
+                info = entry.obj.describe(request)
+            except ValueError as exc:
+                self.fail(path, str(exc))
+                return None
+            if info is not None:
+                info.loader = entry.name
+                if info.defaults.get("sampler") and self.registry.get("sampler", info.defaults["sampler"]) is None:
+                    info.defaults.pop("sampler")
+                return info
+        loaders = ", ".join(self.registry.names("model_loader")) or "none installed"
+        self.fail(path, f"model '{ref}' not found: not a registered name, a diffusers folder, a "
+                        f".safetensors file or a hub id (loaders: {loaders})")
+        return None
+
+    # -- sweeps -------------------------------------------------------------------------
+    def _axes(self, spec: JobSpec, uses: dict, models: dict) -> list[Axis]:
+        targets = self._axis_targets(uses)
+        values: dict[str, list] = {}
+        for key, raw in spec.sweep.items():
+            path = ("sweep", key)
+            if key not in targets:
+                self.fail(path, f"unknown sweep axis '{key}'{did_you_mean(key, targets)}; "
+                                f"axes: {', '.join(targets)}")
+                continue
+            converted = self._axis_values(key, raw, targets[key], path)
+            if converted is not None:
+                values[key] = converted
+        prompt_values = values.get("prompt", [spec.prompt])
+        prompt_path = ("sweep", "prompt") if "prompt" in values else ("prompt",)
+        try:
+            expanded = expand_prompts(prompt_values, spec.wildcards)
+        except PromptError as exc:
+            self.fail(prompt_path + ((exc.index,) if "prompt" in values else ()), str(exc))
+            expanded = [(p, p) for p in prompt_values]
+        if len(expanded) > 1 or "prompt" in values:
+            values["prompt"] = expanded
+            if "prompt" not in spec.sweep:
+                values = {"prompt": expanded, **values}  # a template's variants form the outer axis
+        return self._group(values, spec)
+
+    def _axis_targets(self, uses: dict) -> dict:
+        targets = dict(FIELD_AXES)
+        for key in ("conditioners", "postprocess"):
+            for use in uses[key]:
+                plugin = self.registry.get(USE_KINDS[key], use.name).obj
+                for option, (tp, meta) in option_fields(plugin.Options).items():
+                    targets.setdefault(f"{use.name}.{option}", (tp, meta))
+        return targets
+
+    def _axis_values(self, key: str, raw: Any, target: tuple, path: KeyPath) -> list | SeedRange | None:
+        tp, meta = target
+        if key == "seed" and isinstance(raw, dict):
+            return self._seed_range(raw, path)
+        if not isinstance(raw, list) or not raw:
+            extra = " or a range {start: N, count: N}" if key == "seed" else ""
+            self.fail(path, f"expected a non-empty list of values{extra}, got {raw!r}")
+            return None
+        result = []
+        for i, value in enumerate(raw):
+            try:
+                value = self.checker.convert(value, tp, path + (i,), meta)
+            except Invalid:
+                continue
+            if key == "size" and not SIZE_PATTERN.fullmatch(value):
+                self.fail(path + (i,), f"expected WIDTHxHEIGHT such as 512x768, got {value!r}")
+                continue
+            if key == "sampler":
+                self._sampler(value, path + (i,))
+            if key == "model":
+                continue  # described with the job's other models
+            result.append(value)
+        return result
+
+    def _seed_range(self, raw: dict, path: KeyPath) -> SeedRange | None:
+        @dataclass
+        class SeedRangeSpec:
+            start: int = field(default=0, metadata=_m(min=0, max=MAX_SEED))
+            count: int = field(default=1, metadata=_m(min=1))
+            step: int = field(default=1, metadata=_m(min=1))
+
+        try:
+            r = self.checker.dataclass(raw, SeedRangeSpec, path)
+        except Invalid:
+            return None
+        if r.start + (r.count - 1) * r.step > MAX_SEED:
+            self.fail(path, f"the range passes the largest seed {MAX_SEED}")
+            return None
+        return SeedRange(r.start, r.count, r.step)
+
+    def _group(self, values: dict, spec: JobSpec) -> list[Axis]:
+        """Cross the axes as a product, except the names of a zip group, walked together."""
+        group_of: dict[str, int] = {}
+        for g, names in enumerate(spec.zip):
+            lengths = {}
+            for i, name in enumerate(names):
+                path = ("zip", g, i)
+                if name not in spec.sweep:
+                    self.fail(path, f"'{name}' is not a sweep axis{did_you_mean(name, spec.sweep)}")
+                elif name in group_of:
+                    self.fail(path, f"'{name}' is already zipped in group {group_of[name]}")
+                elif name in values:
+                    group_of[name] = g
+                    lengths[name] = len(values[name])
+            if len(set(lengths.values())) > 1:
+                shown = ", ".join(f"{n}: {n_}" for n, n_ in lengths.items())
+                self.fail(("zip", g), f"zipped axes must have the same length ({shown})")
+        axes, placed = [], set()
+        for name in values:
+            if name in placed:
+                continue
+            if name in group_of:
+                names = [n for n in values if group_of.get(n) == group_of[name]]
+            else:
+                names = [name]
+            placed.update(names)
+            axes.append(Axis(tuple(names), tuple(values[n] for n in names)))
+        return axes
+
+
+def _as_plain(parsed: Any, raw: dict) -> dict:
+    """Options as plain data for item hashing: every field, defaults included."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(parsed):
+        return dataclasses.asdict(parsed)
+    return dict(raw)

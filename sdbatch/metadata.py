@@ -1,0 +1,137 @@
+"""Generation metadata: AUTOMATIC1111's ``parameters`` text, and sdbatch's full JSON record."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+#: A1111's field order (modules/processing.py); fields not set are left out.
+A1111_ORDER = (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+    "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength", "Seed resize from",
+    "Denoising strength", "Conditional mask weight", "Clip skip", "ENSD", "Token merging ratio",
+    "Token merging ratio hr", "Init image hash", "RNG", "NGMS", "Tiling",
+)
+SCHEDULE_SUFFIXES = ("Karras", "Exponential")
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def quote(value) -> str:
+    """A1111's quoting: JSON-quote values that would break the ``k: v, k: v`` list."""
+    text = str(value)
+    if not any(ch in text for ch in ',:"\n'):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if float(value) != int(value) else str(int(value))
+
+
+def a1111_fields(item, model_hash: str = "", version: str = "") -> dict:
+    """The A1111 fields for an item, in A1111's order, then sdbatch extras, then Version."""
+    sampler, schedule = item.sampler, None
+    for suffix in SCHEDULE_SUFFIXES:
+        if sampler.endswith(" " + suffix):
+            sampler, schedule = sampler[: -len(suffix) - 1], suffix
+    clip_skip = next((u.options.get("clip_skip") for u in item.conditioners if u.name == "text"), 1)
+    fields = {
+        "Steps": item.steps,
+        "Sampler": sampler,
+        "Schedule type": schedule,
+        "CFG scale": _number(item.guidance),
+        "Seed": item.seed,
+        "Size": f"{item.width}x{item.height}",
+        "Model hash": model_hash or None,
+        "Model": Path(item.model).stem if item.model else None,
+        "Clip skip": clip_skip if clip_skip and clip_skip > 1 else None,
+        "RNG": "CPU",  # sdbatch draws all noise on CPU; A1111 reproduces it with RNG: CPU
+    }
+    ordered = {k: fields[k] for k in A1111_ORDER if fields.get(k) is not None}
+    ordered["sdbatch id"] = item.id
+    if version:
+        ordered["Version"] = f"sdbatch {version}"
+    return ordered
+
+
+def format_parameters(prompt: str, negative_prompt: str, fields: dict) -> str:
+    """``{prompt}\\nNegative prompt: {negative}\\n{k: v, ...}`` exactly as A1111 writes it."""
+    params = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(params)
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict:
+    """Read A1111 ``parameters`` text back: prompt, negative prompt and every field (as text)."""
+    lines = text.strip().split("\n")
+    params = {}
+    last = lines[-1] if lines else ""
+    if len(_FIELD.findall(last)) >= 3:
+        for key, value in _FIELD.findall(last):
+            value = value.strip()
+            if value.startswith('"') and value.endswith('"'):
+                value = json.loads(value)
+            params[key.strip()] = value
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].lstrip()
+        (negative if in_negative else prompt).append(line)
+    return {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative), **params}
+
+
+def versions() -> dict:
+    """Versions of the libraries that decide pixels, recorded with every output."""
+    import importlib.metadata as md
+    import platform
+
+    result = {"python": platform.python_version()}
+    for name in ("sdbatch", "torch", "diffusers", "transformers"):
+        try:
+            result[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return result
+
+
+def read_image_metadata(path: str | Path) -> dict:
+    """The A1111 parameters text and sdbatch record stored in an image file, if any."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get("parameters")
+        record = image.info.get("sdbatch")
+        if text is None:
+            comment = image.getexif().get_ifd(0x8769).get(0x9286)
+            text = decode_user_comment(comment) if comment else None
+    result = {"parameters": text, "record": json.loads(record) if record else None}
+    if text:
+        result["parsed"] = parse_parameters(text)
+    return result
+
+
+def encode_user_comment(text: str) -> bytes:
+    """EXIF UserComment as A1111 writes it (piexif's 'unicode' encoding: UTF-16 big-endian)."""
+    return b"UNICODE\x00" + text.encode("utf-16-be")
+
+
+def decode_user_comment(raw) -> str:
+    if isinstance(raw, str):
+        return raw
+    prefix, body = raw[:8], raw[8:]
+    if prefix.startswith(b"UNICODE"):
+        # piexif writes big-endian; some tools write little-endian: pick the one that decodes cleanly.
+        for codec in ("utf-16-be", "utf-16-le"):
+            try:
+                text = body.decode(codec)
+            except UnicodeDecodeError:
+                continue
+            if "\x00" not in text:
+                return text
+    return body.decode("utf-8", errors="replace")

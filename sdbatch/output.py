@@ -1,0 +1,198 @@
+"""The output folder: atomic file writes, path templates, and the manifest that makes runs resumable.
+
+An item counts as finished only when its manifest line exists, and that line is appended
+only after every file of the item was written to a temporary name, fsynced and renamed.
+A run killed at any moment therefore leaves finished items, at most some temporary
+files (removed on the next start), and never a partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import OutputConflict
+
+MANIFEST = "manifest.jsonl"
+TEMP_MARK = ".sdbatch-tmp"
+
+#: Fields a path template may use.
+TEMPLATE_FIELDS = {
+    "id", "index", "seed", "prompt_slug", "template_slug", "steps", "guidance", "sampler",
+    "width", "height", "model", "ext", "job",
+}
+
+
+def check_template(template: str, fields: set = TEMPLATE_FIELDS) -> list[str]:
+    """Problems with an output path template (unknown fields, escaping the output folder)."""
+    problems = []
+    try:
+        names = {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name}
+    except ValueError as exc:
+        return [f"bad path template {template!r}: {exc}"]
+    unknown = names - fields
+    if unknown:
+        from .errors import did_you_mean
+
+        first = sorted(unknown)[0]
+        problems.append(f"unknown field '{{{first}}}' in path template{did_you_mean(first, fields)}; "
+                        f"fields: {', '.join(sorted(fields))}")
+    if _escapes(template.replace("{", "").replace("}", "")):
+        problems.append(f"path template {template!r} escapes the output folder (absolute or '..')")
+    return problems
+
+
+def _escapes(relpath: str) -> bool:
+    path = Path(relpath)
+    return path.is_absolute() or relpath.startswith(("/", "\\")) or ".." in path.parts
+
+
+def _slug(value) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(value)).strip("._") or "_"
+
+
+def template_values(item, ext: str, job_name: str = "job") -> dict:
+    from .plan import slug
+
+    return {
+        "id": item.id, "index": item.index, "seed": item.seed, "prompt_slug": slug(item.prompt),
+        "template_slug": slug(item.template or item.prompt), "steps": item.steps,
+        "guidance": f"{item.guidance:g}", "sampler": _slug(item.sampler), "width": item.width,
+        "height": item.height, "model": _slug(Path(item.model).stem or item.model), "ext": ext,
+        "job": _slug(job_name),
+    }
+
+
+def render_template(template: str, item, ext: str, job_name: str = "job") -> str:
+    """The relative output path for an item; refuses any result outside the folder."""
+    relpath = template.format_map(template_values(item, ext, job_name))
+    if _escapes(relpath):
+        raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+    return relpath
+
+
+@dataclass
+class FileRecord:
+    path: str  # relative to the output folder
+    sha256: str
+    writer: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "writer": self.writer}
+
+
+@dataclass
+class Entry:
+    """A finished item as the manifest records it."""
+
+    id: str
+    index: int
+    files: list
+    item: dict
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def image_path(self) -> str | None:
+        return next((f["path"] for f in self.files if f.get("image")), None) or (
+            self.files[0]["path"] if self.files else None
+        )
+
+
+class OutputDir:
+    """An output folder with its manifest; safe to use from one writer thread at a time."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.entries: dict[str, Entry] = {}
+        self.owners: dict[str, str] = {}  # relative path -> item id
+        self._remove_temporaries()
+        self._read_manifest()
+
+    # -- manifest -------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def _read_manifest(self) -> None:
+        if not self.manifest_path.is_file():
+            return
+        with open(self.manifest_path, "rb") as handle:
+            for raw in handle:
+                try:
+                    data = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: its item is simply not finished
+                entry = Entry(data["id"], data["index"], data["files"], data.get("item", {}),
+                              data.get("seconds", 0.0), data.get("extra", {}))
+                if all((self.root / f["path"]).is_file() for f in entry.files):
+                    self.entries[entry.id] = entry
+                    for f in entry.files:
+                        self.owners[f["path"]] = entry.id
+
+    def is_done(self, item_id: str) -> bool:
+        return item_id in self.entries
+
+    def record(self, entry: Entry) -> None:
+        """Append a finished item's manifest line (after its files are durable)."""
+        line = json.dumps({"id": entry.id, "index": entry.index, "files": entry.files, "item": entry.item,
+                           "seconds": round(entry.seconds, 4), "extra": entry.extra},
+                          ensure_ascii=False, separators=(",", ":"))
+        with self._lock:
+            with open(self.manifest_path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.entries[entry.id] = entry
+            for f in entry.files:
+                self.owners[f["path"]] = entry.id
+
+    # -- files ------------------------------------------------------------------------
+    def write_bytes(self, relpath: str, data: bytes, item_id: str, writer: str) -> FileRecord:
+        """Write a file atomically; refuse to replace another item's or a foreign file's content."""
+        if _escapes(relpath):
+            raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+        target = self.root / relpath
+        digest = hashlib.sha256(data).hexdigest()
+        if target.exists():
+            owner = self.owners.get(relpath)
+            same = _sha256_file(target) == digest
+            if not same and owner != item_id:
+                who = f"item {owner}" if owner else "a file not written by this job"
+                raise OutputConflict(
+                    f"{target} already holds {who} with different content; refusing to overwrite it. "
+                    "Use a path template with {id}, or another output folder."
+                )
+        atomic_write(target, data)
+        return FileRecord(relpath, digest, writer)
+
+    def _remove_temporaries(self) -> None:
+        for temp in self.root.rglob(f"*{TEMP_MARK}*"):
+            if temp.is_file():
+                temp.unlink()
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over the target."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_MARK}")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, target)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

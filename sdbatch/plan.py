@@ -1,0 +1,178 @@
+"""The lazy, deterministic plan: axes crossed as a mixed-radix number, one Item per index.
+
+Nothing here imports torch or loads a model; counting is arithmetic, so a plan of
+millions of items is never materialised.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
+
+from .api import Item, PluginUse
+
+SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
+MAX_PROMPT_VARIANTS = 100_000
+
+#: Used when neither the job nor the model's sdbatch.json sets a value.
+FALLBACK_DEFAULTS = {"width": 512, "height": 512, "steps": 20, "guidance": 7.0, "sampler": "Euler a"}
+
+
+@dataclass(frozen=True)
+class SeedRange(Sequence):
+    """``count`` seeds from ``start`` every ``step``, without a list in memory."""
+
+    start: int
+    count: int
+    step: int = 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.start + index * self.step
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One dimension of the plan: one name, or several zipped names walked together."""
+
+    names: tuple
+    values: tuple  # one sequence per name, all of the same length
+
+    def __len__(self) -> int:
+        return len(self.values[0])
+
+    def at(self, index: int) -> dict:
+        return {name: seq[index] for name, seq in zip(self.names, self.values)}
+
+
+class PromptError(ValueError):
+    def __init__(self, message: str, index: int = 0):
+        super().__init__(message)
+        self.index = index
+
+
+def expand_prompts(templates: list[str], wildcards: str | None) -> list[tuple[str, str]]:
+    """Every combination of each dynamicprompts template, as (template, prompt) pairs."""
+    if not any(_has_syntax(t) for t in templates):
+        return [(t, t) for t in templates]
+    from dynamicprompts.generators import CombinatorialPromptGenerator
+    from dynamicprompts.wildcards import WildcardManager
+
+    generator = CombinatorialPromptGenerator(WildcardManager(wildcards) if wildcards else WildcardManager(None))
+    pairs = []
+    for index, template in enumerate(templates):
+        if not _has_syntax(template):
+            pairs.append((template, template))
+            continue
+        try:
+            prompts = generator.generate(template, max_prompts=MAX_PROMPT_VARIANTS + 1)
+        except Exception as exc:  # pyparsing raises several types for bad syntax
+            raise PromptError(f"bad prompt template {template!r}: {exc}", index) from None
+        missing = re.findall(r"__([\w/*-]+)__", " ".join(prompts[:1]))
+        if missing:
+            where = f" in {wildcards}" if wildcards else " (set 'wildcards:' to a folder of NAME.txt files)"
+            raise PromptError(f"wildcard '{missing[0]}' not found{where}", index)
+        if len(prompts) > MAX_PROMPT_VARIANTS:
+            raise PromptError(f"template {template!r} expands to more than {MAX_PROMPT_VARIANTS} prompts", index)
+        pairs.extend((template, p) for p in prompts)
+    return pairs
+
+
+def _has_syntax(text: str) -> bool:
+    return "{" in text or "__" in text
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A filename-safe short form of a prompt: lowercase words joined by '-'."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    out = "-".join(words)[:limit].rstrip("-")
+    return out or "empty"
+
+
+class Plan:
+    """Items in a fixed order: the first axis varies slowest, the last fastest."""
+
+    def __init__(self, base, axes: list[Axis], models: dict, conditioners=(), postprocess=()):
+        self.base = base
+        self.axes = list(axes)
+        self.models = models
+        self.conditioners = tuple(conditioners)
+        self.postprocess = tuple(postprocess)
+
+    def __len__(self) -> int:
+        return math.prod(len(axis) for axis in self.axes)
+
+    count = __len__
+
+    def __iter__(self) -> Iterator[Item]:
+        return self.items()
+
+    def items(self, start: int = 0, stop: int | None = None) -> Iterator[Item]:
+        stop = len(self) if stop is None else min(stop, len(self))
+        for index in range(start, stop):
+            yield self.item_at(index)
+
+    def axis_values(self, index: int) -> dict:
+        """The value of every axis at a plan index (mixed-radix decoding)."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        values = {}
+        for axis in reversed(self.axes):
+            index, position = divmod(index, len(axis))
+            values.update(axis.at(position))
+        return values
+
+    def item_at(self, index: int) -> Item:
+        values = self.axis_values(index)
+        fields = self._fields(values)
+        return Item(index=index, **fields)
+
+    def _fields(self, values: dict) -> dict:
+        base = self.base
+        model = values.get("model", base.model)
+        defaults = dict(FALLBACK_DEFAULTS)
+        info = self.models.get(model)
+        if info is not None:
+            defaults.update(info.defaults)
+        template, prompt = values.get("prompt", (base.prompt, base.prompt))
+        fields: dict[str, Any] = {
+            "model": model,
+            "prompt": prompt,
+            "template": template,
+            "negative_prompt": values.get("negative_prompt", base.negative_prompt),
+            "seed": values.get("seed", base.seed),
+        }
+        for name in ("steps", "guidance", "sampler", "width", "height"):
+            fields[name] = values.get(name, getattr(base, name))
+            if fields[name] is None:
+                fields[name] = defaults[name]
+        fields["guidance"] = float(fields["guidance"])
+        if "size" in values:
+            width, height = SIZE_PATTERN.fullmatch(values["size"]).groups()
+            fields["width"], fields["height"] = int(width), int(height)
+        fields["conditioners"] = _with_options(self.conditioners, values)
+        fields["postprocess"] = _with_options(self.postprocess, values)
+        fields["axes"] = {k: (v[1] if k == "prompt" else v) for k, v in values.items()}
+        return fields
+
+
+def _with_options(uses: tuple, values: dict) -> tuple:
+    """Plugin uses with swept options (``<name>.<option>`` axes) applied."""
+    if not any("." in key for key in values):
+        return uses
+    result = []
+    for use in uses:
+        prefix = use.name + "."
+        changed = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
+        result.append(replace(use, options={**use.options, **changed}) if changed else use)
+    return tuple(result)

@@ -1,0 +1,205 @@
+"""The renderer: a batch of items in, one PIL image per item out, in numbered steps.
+
+Determinism contract: an item's pixels depend on the item and the model only. Every
+item draws its initial noise and every later noise (ancestral and SDE samplers) from
+its own CPU generator; classifier-free guidance is applied per item; nothing is shared
+across a batch. See README.md ("Reproducibility") for what holds on GPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .api import Item
+from .latents import initial_noise, item_generator
+from .models import Model, ModelCache, resolve_device
+
+
+@dataclass
+class Conditioning:
+    """What conditioners produce for one batch (rows in item order)."""
+
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    latents: list = field(default_factory=list)  # per item: initial latents, or None for seeded noise
+    unet_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the denoiser
+    extra: dict = field(default_factory=dict)  # anything conditioners share with each other
+
+
+@dataclass
+class Rendered:
+    """One item's result before writing."""
+
+    item: Item
+    image: Any  # PIL.Image
+    model_hash: str
+    seconds: float = 0.0
+
+
+class Renderer:
+    """Renders batches of items that share a batch key; models are loaded once and cached."""
+
+    def __init__(self, registry, device: str = "auto", dtype: str = "auto", models: dict | None = None,
+                 pad_batches_to: int | None = None):
+        self.registry = registry
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.model_infos = models or {}
+        self.cache = ModelCache(registry)
+        # On GPU, kernels are chosen by shape: a fixed batch shape keeps pixels stable.
+        self.pad_batches_to = pad_batches_to
+
+    def model_for(self, item: Item) -> Model:
+        model = self.cache.get(self.model_infos[item.model], self.device, self.dtype)
+        if str(model.device) == "cpu" and not model.extra.get("batch_invariant"):
+            make_rows_independent(model.unet)
+            model.extra["batch_invariant"] = True
+        return model
+
+    @torch.inference_mode()
+    def render(self, items: list[Item]) -> list[Rendered]:
+        # 1. check inputs
+        keys = {item.batch_key() for item in items}
+        if len(keys) != 1:
+            raise ValueError(f"a batch must share one batch key, got {len(keys)}")
+        padded = self._pad(items)
+        model = self.model_for(items[0])
+        first = padded[0]
+        # 2. encode the conditioning (prompts, control inputs) with the item's conditioners
+        cond = self._condition(padded, model)
+        # 3. timesteps from a fresh scheduler (schedulers keep per-run state)
+        scheduler = self.registry.require("sampler", first.sampler).obj.create(model.scheduler_config)
+        scheduler.set_timesteps(first.steps, device=model.device)
+        # 4. initial latents: each item's own noise, scaled for this scheduler
+        generators = [item_generator(item.seed) for item in padded]
+        latents = self._initial_latents(padded, model, cond, generators) * scheduler.init_noise_sigma
+        # 5. denoising loop with per-item classifier-free guidance
+        latents = self._denoise(padded, model, scheduler, latents, cond, generators)
+        # 6. decode latents to pixels
+        images = self._decode(model, latents)
+        # 7. post-process: to PIL, then each item's post-processors in job order
+        results = []
+        for item, image in zip(items, images):
+            pil = self._postprocess(item, _to_pil(image))
+            results.append(Rendered(item, pil, model.hash))
+        return results
+
+    def _pad(self, items: list[Item]) -> list[Item]:
+        size = self.pad_batches_to
+        if not size or len(items) >= size:
+            return list(items)
+        return list(items) + [items[-1]] * (size - len(items))
+
+    def _condition(self, items: list[Item], model: Model) -> Conditioning:
+        cond = Conditioning(latents=[None] * len(items))
+        for position, use in enumerate(items[0].conditioners):
+            conditioner = self.registry.require("conditioner", use.name).obj
+            options = [conditioner.parse_options(item.conditioners[position].options) for item in items]
+            conditioner.condition(items, options, model, cond)
+        if cond.prompt_embeds is None:
+            raise ValueError("no conditioner produced prompt embeddings (add 'text' to conditioners)")
+        return cond
+
+    def _initial_latents(self, items, model: Model, cond: Conditioning, generators) -> torch.Tensor:
+        factor = model.vae_scale_factor
+        rows = []
+        for item, given, generator in zip(items, cond.latents, generators):
+            shape = (model.latent_channels, item.height // factor, item.width // factor)
+            rows.append(given if given is not None else initial_noise(item.seed, shape, generator))
+        return torch.stack(rows).to(model.device, model.dtype)
+
+    def _denoise(self, items, model: Model, scheduler, latents, cond: Conditioning, generators):
+        guidance = torch.tensor([item.guidance for item in items], device=model.device, dtype=model.dtype)
+        guidance = guidance.view(-1, 1, 1, 1)
+        use_cfg = guidance > 1.0
+        any_cfg = bool(use_cfg.any())
+        embeds = cond.prompt_embeds
+        if any_cfg:
+            embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
+        step_kwargs = _step_kwargs(scheduler, generators)
+        _seed_noise_sampler(scheduler, items)
+        with _row_independent_kernels(model):
+            for t in scheduler.timesteps:
+                model_input = torch.cat([latents, latents]) if any_cfg else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                noise = model.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False,
+                                   **cond.unet_kwargs)[0]
+                if any_cfg:
+                    uncond, text = noise.chunk(2)
+                    # Items with guidance <= 1 take the conditional prediction, as they would alone.
+                    noise = torch.where(use_cfg, uncond + guidance * (text - uncond), text)
+                latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+    def _decode(self, model: Model, latents: torch.Tensor) -> torch.Tensor:
+        vae = model.vae
+        scaled = latents / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            scaled = scaled + vae.config.shift_factor
+        # Decode one row at a time: the VAE is the memory peak, and rows stay independent.
+        images = torch.cat([vae.decode(row[None].to(vae.dtype), return_dict=False)[0] for row in scaled])
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    def _postprocess(self, item: Item, image):
+        for use in item.postprocess:
+            processor = self.registry.require("postprocessor", use.name).obj
+            image = processor.apply(image, processor.parse_options(use.options), item)
+        return image
+
+
+class _RowwiseLinear(torch.nn.Linear):
+    """A Linear whose 2-D inputs are multiplied one row at a time.
+
+    CPU BLAS picks different kernels for 1 row and for several (the U-Net's time
+    embeddings are (batch, features)), which changes the last bits of every row;
+    per-row products cost nothing at that size and make rows independent of their batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] > 1:
+            return torch.cat([torch.nn.functional.linear(row[None], self.weight, self.bias) for row in x])
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def make_rows_independent(module: torch.nn.Module) -> None:
+    """Swap plain Linear layers for _RowwiseLinear (same weights, same results per row)."""
+    for child in module.modules():
+        if type(child) is torch.nn.Linear:
+            child.__class__ = _RowwiseLinear
+
+
+def _row_independent_kernels(model: Model):
+    """On CPU, oneDNN convolutions choose algorithms by batch size; ATen's own are per sample."""
+    import contextlib
+
+    if str(model.device) != "cpu":
+        return contextlib.nullcontext()
+    return torch.backends.mkldnn.flags(enabled=False)
+
+
+def _step_kwargs(scheduler, generators) -> dict:
+    """Pass per-item generators to schedulers that draw noise while stepping."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "generator" in params:
+        kwargs["generator"] = generators if len(generators) > 1 else generators[0]
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    return kwargs
+
+
+def _seed_noise_sampler(scheduler, items) -> None:
+    """SDE samplers draw Brownian noise from a seed list: one seed per item keeps rows independent."""
+    if hasattr(scheduler, "noise_sampler_seed"):
+        scheduler.noise_sampler_seed = [int(item.seed) for item in items]
+
+
+def _to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    array = (image.float().permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array)

@@ -1,0 +1,208 @@
+"""Running a planned job: the local executor, the run context writers see, and the run summary."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SdbatchError
+from .output import Entry, OutputDir, atomic_write
+from .progress import Progress
+
+SUMMARY = "summary.json"
+FAILURES = "failures.jsonl"
+
+
+@dataclass
+class RunContext:
+    """What writers get: the job, the output folder and the versions to record."""
+
+    job: object
+    out: OutputDir
+    versions: dict
+    job_name: str
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    already_done: int = 0
+    rendered: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    render_seconds: float = 0.0
+    model_loads: int = 0
+    run_files: list = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rendered / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "images_per_second": round(self.images_per_second, 4)}
+
+
+def make_writers(job, context: RunContext) -> list:
+    return [cls(options, context) for cls, options, _use in job.writers]
+
+
+def run_context(job, out_dir) -> RunContext:
+    from .metadata import versions
+
+    name = job.spec.name or Path(job.filename).stem
+    return RunContext(job, OutputDir(out_dir), versions(), name)
+
+
+class LocalExecutor:
+    """Renders in this process: batches items by batch key, writes on a background thread.
+
+    Writing (PNG encoding, fsync) overlaps rendering, and the manifest line of an item is
+    appended only once its files are durable.
+    """
+
+    name = "local"
+
+    def __init__(self, job, registry, out_dir, batch_size: int | None = None, device: str | None = None,
+                 quiet: bool = False, limit: int | None = None):
+        self.job, self.registry = job, registry
+        self.context = run_context(job, out_dir)
+        self.batch_size = batch_size or job.spec.batch_size
+        self.device = device or job.spec.device
+        self.quiet = quiet
+        self.limit = limit
+
+    def run(self) -> Summary:
+        from .render import Renderer
+
+        job, out = self.job, self.context.out
+        started = time.monotonic()
+        total = len(job.plan) if self.limit is None else min(self.limit, len(job.plan))
+        summary = Summary(total=total)
+        summary.already_done = sum(1 for item in job.plan.items(0, total) if out.is_done(item.id)) if out.entries else 0
+        if Path(job.filename).is_file():  # keep the job beside its outputs
+            atomic_write(out.root / "job.yaml", Path(job.filename).read_bytes())
+        writers = make_writers(job, self.context)
+        renderer = Renderer(self.registry, self.device, job.spec.dtype, job.plan.models,
+                            pad_batches_to=self.batch_size if _is_gpu(self.device) else None)
+        progress = Progress(total, summary.already_done, quiet=self.quiet)
+        sink = _WriterThread(writers, out, summary, progress)
+        try:
+            for batch in _batches(job.plan.items(0, total), self.batch_size, out):
+                sink.check()
+                self._render(renderer, batch, sink, summary)
+        finally:
+            sink.close()
+            progress.close()
+        sink.check()
+        entries = [out.entries[i.id] for i in job.plan.items(0, total) if i.id in out.entries]
+        for writer in writers:
+            summary.run_files += writer.finish(entries)
+        summary.seconds = time.monotonic() - started
+        summary.model_loads = renderer.cache.loads
+        atomic_write(out.root / SUMMARY, json.dumps(summary.to_json(), indent=2).encode())
+        return summary
+
+    def _render(self, renderer, batch, sink, summary) -> None:
+        began = time.monotonic()
+        try:
+            results = renderer.render(batch)
+        except (KeyboardInterrupt, SdbatchError):
+            raise
+        except Exception as exc:  # one bad batch must not stop a long run
+            summary.failed += len(batch)
+            _record_failures(self.context.out.root, batch, exc)
+            return
+        seconds = (time.monotonic() - began) / len(batch)
+        summary.render_seconds += time.monotonic() - began
+        for result in results:
+            result.seconds = seconds
+        sink.put(results)
+
+
+def _is_gpu(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and _cuda_available())
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _batches(items, batch_size: int, out: OutputDir):
+    """Groups of up to batch_size unfinished items sharing a batch key; ids seen twice render once."""
+    pending: dict[tuple, list] = {}
+    seen: set[str] = set()
+    for item in items:
+        if out.is_done(item.id) or item.id in seen:
+            continue
+        seen.add(item.id)
+        group = pending.setdefault(item.batch_key(), [])
+        group.append(item)
+        if len(group) >= batch_size:
+            yield pending.pop(item.batch_key())
+    yield from pending.values()
+
+
+def _record_failures(root: Path, batch, exc: Exception) -> None:
+    import sys
+
+    message = f"{type(exc).__name__}: {exc}"
+    print(f"sdbatch: {len(batch)} item(s) failed: {message}", file=sys.stderr)
+    with open(root / FAILURES, "a", encoding="utf-8") as handle:
+        for item in batch:
+            handle.write(json.dumps({"id": item.id, "index": item.index, "error": message,
+                                     "traceback": traceback.format_exc(limit=5)}) + "\n")
+
+
+class _WriterThread:
+    """Runs writers off the render loop; re-raises their errors in the main thread."""
+
+    def __init__(self, writers, out: OutputDir, summary: Summary, progress: Progress):
+        self.writers, self.out, self.summary, self.progress = writers, out, summary, progress
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="sdbatch-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, results) -> None:
+        self.queue.put(results)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            results = self.queue.get()
+            if results is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the main thread raises it
+            try:
+                for result in results:
+                    self._write(result)
+            except BaseException as exc:  # surfaced by check()
+                self.error = exc
+
+    def _write(self, result) -> None:
+        item = result.item
+        if self.out.is_done(item.id):
+            return
+        files = []
+        for writer in self.writers:
+            files += writer.write(result)
+        record = item.to_json()
+        record["model_hash"] = result.model_hash
+        self.out.record(Entry(item.id, item.index, files, record, result.seconds))
+        self.summary.rendered += 1
+        self.progress.update(1)
