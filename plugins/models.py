@@ -57,6 +57,7 @@ def _model_from_pipeline(info: ModelInfo, pipe, device: str, torch_dtype):
     pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
+        _own_aligned_memory(module)
     location = Path(info.location)
     digest = weights_hash(location) if location.exists() else ""
     return Model(
@@ -64,6 +65,17 @@ def _model_from_pipeline(info: ModelInfo, pipe, device: str, torch_dtype):
         vae=pipe.vae, scheduler_config=dict(pipe.scheduler.config), device=device,
         dtype=torch_dtype, hash=digest[:10],
     )
+
+
+def _own_aligned_memory(module) -> None:
+    """Give every weight its own freshly allocated (64-byte aligned) storage.
+
+    Weights loaded from a memory-mapped file can start at any byte offset, and CPU BLAS
+    takes different code paths for unaligned data: the same weights would then give
+    different low bits depending on how they were loaded (folder or single file).
+    """
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        tensor.data = tensor.data.clone()
 
 
 class TinyLoader(ModelLoader):
@@ -123,11 +135,12 @@ class SingleFileLoader(ModelLoader):
         if path.suffix.lower() in PICKLE_SUFFIXES and not request.allow_pickle:
             raise ValueError(f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
                              "convert it to .safetensors, or set allow_pickle: true if you trust it")
-        config = request.config
-        if config and Path(_resolve(config, request.folder)).is_dir():
+        config, defaults = request.config, {}
+        if config and _resolve(config, request.folder).is_dir():
             config = str(_resolve(config, request.folder))
+            defaults = read_defaults(Path(config))  # the config folder's recommended settings
         return ModelInfo(request.ref, str(path), "single-file", allow_pickle=request.allow_pickle,
-                         config=config, defaults=read_defaults(path.parent) if config is None else {})
+                         config=config, defaults=defaults)
 
     def load(self, info: ModelInfo, device: str, dtype: str):
         from diffusers import StableDiffusionPipeline

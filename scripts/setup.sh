@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with sdbatch installed (editable) and torch 2.13.0.
+#
+# torch comes first and is chosen on purpose, so pip never swaps in a multi-GB CUDA build:
+#   SDBATCH_TORCH=cpu   (default) the CPU build of torch 2.13.0: a local wheel if pip's
+#                       find-links has one, else PyTorch's CPU index
+#   SDBATCH_TORCH=cuda  the default (CUDA) build from PyPI, for GPU machines
+#   SDBATCH_TORCH=skip  keep whatever torch the environment already has
+# Extras: SDBATCH_EXTRAS="test" (default) or e.g. "test,ray,video,dataset".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${SDBATCH_VENV:-.venv}
+TORCH_VERSION=2.13.0
+EXTRAS=${SDBATCH_EXTRAS:-test}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+installed_torch=$("$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+case "${SDBATCH_TORCH:-cpu}" in
+  skip) ;;
+  cuda)
+    [ "${installed_torch%%+*}" = "$TORCH_VERSION" ] || "${PIP[@]}" install "torch==$TORCH_VERSION" ;;
+  cpu)
+    if [ "$installed_torch" != "$TORCH_VERSION+cpu" ]; then
+      # Offline first (a local +cpu wheel), then PyTorch's CPU-only index.
+      "${PIP[@]}" install --no-index "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+        || "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    fi ;;
+  *) echo "SDBATCH_TORCH must be cpu, cuda or skip" >&2; exit 2 ;;
+esac
+
+# Editable install: torch is already satisfied, so pip leaves it alone.
+"${PIP[@]}" install -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+"$VENV/bin/python" -c "import sdbatch, torch; print(f'sdbatch {sdbatch.__version__} with torch {torch.__version__} in $VENV')"
