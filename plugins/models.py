@@ -33,8 +33,24 @@ def _resolve(ref: str, folder: str) -> Path:
     return path if path.is_absolute() else Path(folder) / path
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (load progress bars, optional-dependency notes) out of sdbatch's output."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
+
+
 def _load_folder(info: ModelInfo, device: str, dtype: str):
     """Load a diffusers folder (or cached hub id) with safetensors unless pickle is allowed."""
+    quiet_libraries()
     from diffusers import StableDiffusionPipeline
 
     from sdbatch.models import resolve_dtype
@@ -143,6 +159,7 @@ class SingleFileLoader(ModelLoader):
                          config=config, defaults=defaults)
 
     def load(self, info: ModelInfo, device: str, dtype: str):
+        quiet_libraries()
         from diffusers import StableDiffusionPipeline
 
         from sdbatch.models import resolve_dtype

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sdbatch import hookimpl
 from sdbatch.api import PostProcessor
@@ -42,13 +43,14 @@ class Resize(PostProcessor):
 @dataclass
 class WatermarkOptions:
     text: str = field(default="sdbatch", metadata={"help": "the message embedded (ASCII)"})
-    method: str = field(default="dwtDct", metadata={"help": "dwtDct, dwtDctSvd or rivaGan"})
+    # dwtDctSvd reads back reliably; plain dwtDct (Stability's choice) often fails on smooth images.
+    method: Literal["dwtDct", "dwtDctSvd"] = "dwtDctSvd"
 
 
 class Watermark(PostProcessor):
     """An invisible watermark (the invisible-watermark library, as Stability's scripts use).
 
-    dwtDct needs images of at least 256x256: put a resize before it for smaller outputs.
+    It needs images of at least 256x256: put a resize before it for smaller outputs.
     """
 
     name = "watermark"
@@ -70,7 +72,7 @@ class Watermark(PostProcessor):
         return Image.fromarray(np.ascontiguousarray(marked[:, :, ::-1]))
 
 
-def decode_watermark(image, length: int, method: str = "dwtDct") -> bytes:
+def decode_watermark(image, length: int, method: str = "dwtDctSvd") -> bytes:
     """Read back a watermark of ``length`` bytes from a PIL image."""
     import numpy as np
     from imwatermark import WatermarkDecoder

@@ -19,6 +19,7 @@ class GridOptions:
     z: str | None = field(default=None, metadata={"help": "one grid per value of this axis"})
     path: str = field(default="grids/{job}-{name}.png", metadata={"help": "fields: {job}, {name} (the fixed axis values)"})
     font_size: int = field(default=14, metadata={"min": 6, "max": 128})
+    scale: int = field(default=1, metadata={"min": 1, "max": 16, "help": "enlarge small cells (nearest neighbour)"})
     margin: int = field(default=0, metadata={"min": 0, "max": 256})
 
 
@@ -70,7 +71,7 @@ class XYZGrid(Writer):
                 relpath = opts.path.format(job=self.context.job_name, name=suffix or "all")
                 buffer = io.BytesIO()
                 grid.save(buffer, "PNG")
-                written.append(self.context.out.write_bytes(relpath, buffer.getvalue(), "xyz_grid", self.name).path)
+                written.append(self.context.out.write_run_file(relpath, buffer.getvalue(), self.name).path)
         return written
 
     def _cells(self, values, fixed, z, by_key):
@@ -97,13 +98,13 @@ class XYZGrid(Writer):
         opts = self.options
         first = next(cell for row in cells for cell in row if cell is not None)
         with Image.open(first) as probe:
-            cell_w, cell_h = probe.size
+            cell_w, cell_h = probe.size[0] * opts.scale, probe.size[1] * opts.scale
         font = ImageFont.load_default(size=opts.font_size)
-        x_labels = [_label(opts.x, v) for v in values[opts.x]]
-        y_labels = [_label(opts.y, v) for v in values[opts.y]] if opts.y else []
+        x_labels = axis_labels(opts.x, values[opts.x])
+        y_labels = axis_labels(opts.y, values[opts.y]) if opts.y else []
         wrap = max(8, cell_w // max(1, opts.font_size // 2))
         line_h = opts.font_size + 4
-        top = line_h * max(len(textwrap.wrap(t, wrap)) or 1 for t in x_labels) + 8
+        top = line_h * max(len(_wrap(t, wrap)) for t in x_labels) + 8
         left = (max(int(font.getlength(t)) for t in y_labels) + 16) if y_labels else 0
         width = left + len(x_labels) * cell_w + (len(x_labels) - 1) * opts.margin
         height = top + len(cells) * cell_h + (len(cells) - 1) * opts.margin
@@ -111,7 +112,7 @@ class XYZGrid(Writer):
         draw = ImageDraw.Draw(grid)
         for col, text in enumerate(x_labels):
             x0 = left + col * (cell_w + opts.margin)
-            for n, line in enumerate(textwrap.wrap(text, wrap) or [""]):
+            for n, line in enumerate(_wrap(text, wrap)):
                 draw.text((x0 + cell_w / 2, 4 + n * line_h), line, fill="black", font=font, anchor="mt")
         for row, cells_row in enumerate(cells):
             y0 = top + row * (cell_h + opts.margin)
@@ -120,7 +121,8 @@ class XYZGrid(Writer):
             for col, cell in enumerate(cells_row):
                 if cell is not None:
                     with Image.open(cell) as image:
-                        grid.paste(image.convert("RGB").resize((cell_w, cell_h)), (left + col * (cell_w + opts.margin), y0))
+                        cell_image = image.convert("RGB").resize((cell_w, cell_h), Image.Resampling.NEAREST)
+                        grid.paste(cell_image, (left + col * (cell_w + opts.margin), y0))
         return grid
 
 
@@ -136,8 +138,22 @@ def _key(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def _label(name: str, value) -> str:
-    return str(value) if name == "prompt" else f"{name}: {value}"
+def axis_labels(name: str, values: list) -> list[str]:
+    """Column or row labels; prompts show only the words that differ between them."""
+    if name not in ("prompt", "negative_prompt"):
+        return [f"{name}: {v}" for v in values]
+    words = [str(v).split() for v in values]
+    if len(words) < 2:
+        return [str(v) for v in values]
+    shortest = min(len(w) for w in words)
+    head = next((i for i in range(shortest) if len({tuple(w[: i + 1]) for w in words}) > 1), shortest)
+    tail = next((i for i in range(shortest - head) if len({tuple(w[len(w) - i - 1:]) for w in words}) > 1),
+                shortest - head)
+    return [" ".join(w[head: len(w) - tail]) or str(v) for w, v in zip(words, values)]
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width, break_long_words=False) or [""]
 
 
 def _short(value) -> str:

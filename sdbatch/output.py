@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import OutputConflict
 
 MANIFEST = "manifest.jsonl"
+RUN_FILES = "run_files.json"  # files made from the whole run (grids, videos): rebuilt on every run
 TEMP_MARK = ".sdbatch-tmp"
 
 #: Fields a path template may use.
@@ -115,6 +116,8 @@ class OutputDir:
         self.owners: dict[str, str] = {}  # relative path -> item id
         self._remove_temporaries()
         self._read_manifest()
+        run_files = self.root / RUN_FILES
+        self.run_files: set[str] = set(json.loads(run_files.read_text())) if run_files.is_file() else set()
 
     # -- manifest -------------------------------------------------------------------
     @property
@@ -170,6 +173,24 @@ class OutputDir:
                     f"{target} already holds {who} with different content; refusing to overwrite it. "
                     "Use a path template with {id}, or another output folder."
                 )
+        atomic_write(target, data)
+        return FileRecord(relpath, digest, writer)
+
+    def write_run_file(self, relpath: str, data: bytes, writer: str) -> FileRecord:
+        """Write a run-level file (a grid, a video); it replaces the one an earlier run made."""
+        if _escapes(relpath):
+            raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+        if relpath in self.owners:
+            raise OutputConflict(f"{relpath} belongs to item {self.owners[relpath]}; choose another path")
+        target = self.root / relpath
+        digest = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            if relpath not in self.run_files:
+                if target.exists() and _sha256_file(target) != digest:
+                    raise OutputConflict(f"{target} already holds a file not written by this job with different "
+                                         "content; refusing to overwrite it")
+                self.run_files.add(relpath)
+                atomic_write(self.root / RUN_FILES, json.dumps(sorted(self.run_files), indent=1).encode())
         atomic_write(target, data)
         return FileRecord(relpath, digest, writer)
 

@@ -26,6 +26,7 @@ class Progress:
         self.interval = float(os.environ.get("SDBATCH_PROGRESS_INTERVAL", "10"))
         self._last_line = self.start
         self._bar = None
+        self._first: tuple[float, int] | None = None
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
@@ -33,6 +34,9 @@ class Progress:
                              smoothing=0.1)
 
     def update(self, count: int = 1) -> None:
+        if self._first is None:
+            # Rates count from the first finished item: start-up and model loading are not throughput.
+            self._first = (time.monotonic(), self.done)
         self.done += count
         if self._bar is not None:
             self._bar.update(count)
@@ -41,8 +45,12 @@ class Progress:
 
     @property
     def rate(self) -> float:
-        elapsed = time.monotonic() - self.start
-        return (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
+        """Items per second since the first item finished."""
+        if self._first is None:
+            return 0.0
+        began, done_then = self._first
+        elapsed = time.monotonic() - began
+        return (self.done - done_then) / elapsed if elapsed > 0 else 0.0
 
     def _line(self) -> None:
         self._last_line = time.monotonic()
