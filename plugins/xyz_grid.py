@@ -34,11 +34,19 @@ class XYZGrid(Writer):
     def check(cls, options, job) -> list[str]:
         problems = check_template(options.path, fields={"job", "name"})
         axis_names = [name for axis in job.plan.axes for name in axis.names]
+        used = {}
         for role in ("x", "y", "z"):
             name = getattr(options, role)
-            if name is not None and name not in axis_names:
+            if name is None:
+                continue
+            if name not in axis_names:
                 shown = ", ".join(axis_names) or "none (add a sweep)"
                 problems.append(f"{role}: '{name}' is not a sweep axis of this job; axes: {shown}")
+                continue
+            axis = _axis_of(job.plan, name)
+            if id(axis) in used:
+                problems.append(f"{role}: '{name}' is zipped with {used[id(axis)]}'s axis; a grid needs independent axes")
+            used[id(axis)] = role
         if not any(writer_class.writes_images for writer_class, _options, _use in job.writers):
             problems.append("needs an image writer (png, jpeg or webp) in outputs to read cells from")
         return problems
@@ -48,49 +56,40 @@ class XYZGrid(Writer):
         from PIL import Image
 
         opts, plan = self.options, self.context.job.plan
-        values = {name: _axis_values(plan, name) for name in (opts.x, opts.y, opts.z) if name}
-        chosen = set(values)
-        by_key = {}
+        names = [n for n in (opts.x, opts.y, opts.z) if n]
+        chosen = [_axis_of(plan, n) for n in names]
+        positions = {n: _positions(axis) for n, axis in zip(names, chosen)}
+        values = {n: [p[n] for p in positions[n]] for n in names}
+        files = {}
         for entry in entries:
-            axes = entry.item.get("axes", {})
             path = entry.image_path()
             if path is not None:
-                by_key[tuple(sorted((k, _key(v)) for k, v in axes.items()))] = self.context.out.root / path
-        others = [name for axis in plan.axes for name in axis.names if name not in chosen]
-        other_values = [_axis_values(plan, name) for name in others]
-        written = []
-        z_values = values.get(opts.z, [None]) if opts.z else [None]
-        for rest in itertools.product(*other_values):
-            fixed = dict(zip(others, rest))
-            for z in z_values:
-                cells = self._cells(values, fixed, z, by_key)
+                files[_key(entry.item.get("axes", {}))] = self.context.out.root / path
+        others = [axis for axis in plan.axes if axis not in chosen]
+        rows = positions[opts.y] if opts.y else [{}]
+        written: list[str] = []
+        for rest in itertools.product(*[_positions(axis) for axis in others]):
+            fixed = {k: v for part in rest for k, v in part.items()}
+            for z in positions[opts.z] if opts.z else [{}]:
+                cells = [[files.get(_key({**fixed, **z, **y, **x})) for x in positions[opts.x]] for y in rows]
                 if not any(cell is not None for row in cells for cell in row):
                     continue
                 grid = self._compose(cells, values, Image)
-                suffix = "-".join(_short(v) for v in list(rest) + ([z] if opts.z else []))
-                relpath = opts.path.format(job=self.context.job_name, name=suffix or "all")
+                shown = [v for part in rest for v in part.values()] + list(z.values())
+                relpath = self._unique_path(written, "-".join(_short(v) for v in shown) or "all")
                 buffer = io.BytesIO()
                 grid.save(buffer, "PNG")
                 written.append(self.context.out.write_run_file(relpath, buffer.getvalue(), self.name).path)
         return written
 
-    def _cells(self, values, fixed, z, by_key):
-        opts = self.options
-        rows = values.get(opts.y, [None]) if opts.y else [None]
-        cells = []
-        for y in rows:
-            row = []
-            for x in values[opts.x]:
-                axes = dict(fixed)
-                axes[opts.x] = x
-                if opts.y:
-                    axes[opts.y] = y
-                if opts.z:
-                    axes[opts.z] = z
-                key = tuple(sorted((k, _key(v)) for k, v in axes.items()))
-                row.append(by_key.get(key))
-            cells.append(row)
-        return cells
+    def _unique_path(self, written: list[str], name: str) -> str:
+        """The grid's path; a name that slugs like an earlier grid's gets a number, never its file."""
+        relpath = self.options.path.format(job=self.context.job_name, name=name)
+        count = 2
+        while relpath in written:
+            relpath = self.options.path.format(job=self.context.job_name, name=f"{name}-{count}")
+            count += 1
+        return relpath
 
     def _compose(self, cells, values, Image):
         from PIL import ImageDraw, ImageFont
@@ -126,16 +125,23 @@ class XYZGrid(Writer):
         return grid
 
 
-def _axis_values(plan, name: str) -> list:
-    for axis in plan.axes:
-        if name in axis.names:
-            seq = axis.values[axis.names.index(name)]
-            return [v[1] if name == "prompt" else v for v in seq]
-    return []
+def _axis_of(plan, name: str):
+    return next(axis for axis in plan.axes if name in axis.names)
 
 
-def _key(value):
-    return tuple(value) if isinstance(value, list) else value
+def _positions(axis) -> list[dict]:
+    """Each position of an axis as {name: value} for all its (zipped) names, as items record them."""
+    result = []
+    for index in range(len(axis)):
+        values = axis.at(index)
+        if "prompt" in values:
+            values["prompt"] = values["prompt"][1]  # (template, prompt) pairs: items record the prompt
+        result.append(values)
+    return result
+
+
+def _key(axes: dict) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in axes.items()))
 
 
 def axis_labels(name: str, values: list) -> list[str]:

@@ -27,8 +27,9 @@ case "${SDBATCH_TORCH:-cpu}" in
     [ "${installed_torch%%+*}" = "$TORCH_VERSION" ] || "${PIP[@]}" install "torch==$TORCH_VERSION" ;;
   cpu)
     if [ "$installed_torch" != "$TORCH_VERSION+cpu" ]; then
-      # Offline first (a local +cpu wheel), then PyTorch's CPU-only index.
-      "${PIP[@]}" install --no-index "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+      # A +cpu wheel from pip's configured indexes and find-links first (PyPI itself has
+      # none, so this never pulls CUDA), then PyTorch's CPU-only index.
+      "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
         || "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
     fi ;;
   *) echo "SDBATCH_TORCH must be cpu, cuda or skip" >&2; exit 2 ;;

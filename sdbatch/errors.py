@@ -25,7 +25,9 @@ def format_path(path: KeyPath) -> str:
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean 'x'?)' suffix for the closest choice, or an empty string."""
-    lowered = {str(c).lower(): str(c) for c in choices}
+    lowered: dict[str, str] = {}
+    for choice in choices:  # the first spelling wins: pass canonical names before aliases
+        lowered.setdefault(str(choice).lower(), str(choice))
     match = difflib.get_close_matches(str(word).lower(), list(lowered), n=1, cutoff=0.6)
     return f" (did you mean '{lowered[match[0]]}'?)" if match else ""
 

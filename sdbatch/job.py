@@ -135,6 +135,7 @@ class _Validator:
 
     def run(self) -> Job:
         spec = self.spec
+        self.positions: dict[str, list[int]] = {}  # job key -> list index of each valid use
         uses = {key: self._uses(key) for key in USE_KINDS}
         writers = self._writers(uses["outputs"])
         self._sampler(spec.sampler, ("sampler",))
@@ -157,7 +158,7 @@ class _Validator:
         if not isinstance(value, list):
             self.fail((key,), f"expected a list of {kind}s (a name, or a mapping of name to options)")
             return []
-        result = []
+        result, self.positions[key] = [], []
         for index, raw in enumerate(value):
             path = (key, index)
             if isinstance(raw, str):
@@ -179,11 +180,12 @@ class _Validator:
             except Invalid:
                 continue
             result.append(PluginUse(entry.name, _as_plain(parsed, options)))
+            self.positions[key].append(index)
         return result
 
     def _writers(self, outputs: list[PluginUse]) -> list:
         writers = []
-        for index, use in enumerate(outputs):
+        for index, use in zip(self.positions["outputs"], outputs):
             cls = self.registry.get("writer", use.name).obj
             writers.append((cls, cls.Options(**use.options), use, index))
         return writers
@@ -194,9 +196,11 @@ class _Validator:
 
     # -- models ---------------------------------------------------------------------
     def _models(self, spec: JobSpec) -> dict:
-        refs = [(spec.model, ("model",))]
         sweep_models = spec.sweep.get("model") if isinstance(spec.sweep, dict) else None
-        if isinstance(sweep_models, list):
+        refs = []
+        if not isinstance(sweep_models, list):  # a model sweep replaces the job's model
+            refs.append((spec.model, ("model",)))
+        else:
             refs += [(ref, ("sweep", "model", i)) for i, ref in enumerate(sweep_models) if isinstance(ref, str)]
         infos = {}
         for ref, path in refs:
@@ -273,15 +277,26 @@ class _Validator:
                 value = self.checker.convert(value, tp, path + (i,), meta)
             except Invalid:
                 continue
-            if key == "size" and not SIZE_PATTERN.fullmatch(value):
-                self.fail(path + (i,), f"expected WIDTHxHEIGHT such as 512x768, got {value!r}")
+            if key == "size" and not self._size(value, path + (i,)):
                 continue
             if key == "sampler":
                 self._sampler(value, path + (i,))
-            if key == "model":
-                continue  # described with the job's other models
             result.append(value)
         return result
+
+    def _size(self, value: str, path: KeyPath) -> bool:
+        """A WIDTHxHEIGHT value whose sides obey the width/height rules."""
+        match = SIZE_PATTERN.fullmatch(value)
+        if not match:
+            self.fail(path, f"expected WIDTHxHEIGHT such as 512x768, got {value!r}")
+            return False
+        ok = True
+        for side, number in zip(("width", "height"), match.groups()):
+            try:
+                self.checker.convert(int(number), int, path, FIELD_AXES[side][1])
+            except Invalid:
+                ok = False
+        return ok
 
     def _seed_range(self, raw: dict, path: KeyPath) -> SeedRange | None:
         @dataclass

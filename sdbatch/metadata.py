@@ -26,7 +26,8 @@ def quote(value) -> str:
 
 
 def _number(value: float) -> str:
-    return f"{value:g}" if float(value) != int(value) else str(int(value))
+    """7.0 -> '7' as A1111 shows whole numbers; anything else keeps every digit."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def a1111_fields(item, model_hash: str = "", version: str = "") -> dict:
@@ -126,12 +127,10 @@ def decode_user_comment(raw) -> str:
         return raw
     prefix, body = raw[:8], raw[8:]
     if prefix.startswith(b"UNICODE"):
-        # piexif writes big-endian; some tools write little-endian: pick the one that decodes cleanly.
-        for codec in ("utf-16-be", "utf-16-le"):
-            try:
-                text = body.decode(codec)
-            except UnicodeDecodeError:
-                continue
-            if "\x00" not in text:
-                return text
+        # piexif writes big-endian, some tools little-endian. Mostly-ASCII text has its zero
+        # bytes first in each pair when big-endian and second when little-endian.
+        zeros_first = body[0::2].count(0)
+        zeros_second = body[1::2].count(0)
+        codec = "utf-16-le" if zeros_second > zeros_first else "utf-16-be"
+        return body.decode(codec, errors="replace")
     return body.decode("utf-8", errors="replace")

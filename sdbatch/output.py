@@ -46,7 +46,17 @@ def check_template(template: str, fields: set = TEMPLATE_FIELDS) -> list[str]:
                         f"fields: {', '.join(sorted(fields))}")
     if _escapes(template.replace("{", "").replace("}", "")):
         problems.append(f"path template {template!r} escapes the output folder (absolute or '..')")
+    if not unknown:
+        sample = {name: _SAMPLE_VALUES.get(name, "x") for name in fields}
+        try:
+            template.format_map(sample)
+        except (ValueError, KeyError, IndexError, AttributeError) as exc:
+            problems.append(f"bad path template {template!r}: {exc}")
     return problems
+
+
+#: Typed stand-ins for template fields, so format specs such as {index:06d} are checked.
+_SAMPLE_VALUES = {"index": 0, "seed": 0, "steps": 20, "width": 512, "height": 512}
 
 
 def _escapes(relpath: str) -> bool:
@@ -98,6 +108,7 @@ class Entry:
     item: dict
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    writers: list = field(default_factory=list)  # every writer that has stored this item
 
     def image_path(self) -> str | None:
         return next((f["path"] for f in self.files if f.get("image")), None) or (
@@ -125,31 +136,39 @@ class OutputDir:
         return self.root / MANIFEST
 
     def _read_manifest(self) -> None:
+        self._cut_line = False
         if not self.manifest_path.is_file():
             return
         with open(self.manifest_path, "rb") as handle:
             for raw in handle:
+                self._cut_line = not raw.endswith(b"\n")
                 try:
                     data = json.loads(raw)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill: its item is simply not finished
+                writers = data.get("writers") or sorted({f["writer"] for f in data["files"]})
                 entry = Entry(data["id"], data["index"], data["files"], data.get("item", {}),
-                              data.get("seconds", 0.0), data.get("extra", {}))
+                              data.get("seconds", 0.0), data.get("extra", {}), writers)
                 if all((self.root / f["path"]).is_file() for f in entry.files):
                     self.entries[entry.id] = entry
                     for f in entry.files:
                         self.owners[f["path"]] = entry.id
 
-    def is_done(self, item_id: str) -> bool:
-        return item_id in self.entries
+    def is_done(self, item_id: str, writers=()) -> bool:
+        """Finished, and stored by each of ``writers`` (a writer added to a job re-stores old items)."""
+        entry = self.entries.get(item_id)
+        return entry is not None and set(writers) <= set(entry.writers)
 
     def record(self, entry: Entry) -> None:
         """Append a finished item's manifest line (after its files are durable)."""
         line = json.dumps({"id": entry.id, "index": entry.index, "files": entry.files, "item": entry.item,
-                           "seconds": round(entry.seconds, 4), "extra": entry.extra},
+                           "seconds": round(entry.seconds, 4), "extra": entry.extra, "writers": entry.writers},
                           ensure_ascii=False, separators=(",", ":"))
         with self._lock:
             with open(self.manifest_path, "a", encoding="utf-8") as handle:
+                if self._cut_line:  # a kill cut the last line: end it so ours stays readable
+                    handle.write("\n")
+                    self._cut_line = False
                 handle.write(line + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())

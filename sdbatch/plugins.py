@@ -43,6 +43,8 @@ class Origin:
     version: str = ""
 
     def __str__(self) -> str:
+        if self.package.startswith("("):
+            return f"{self.plugin} {self.package}"
         return f"{self.plugin} ({self.package} {self.version})".replace(" )", ")")
 
 
@@ -55,6 +57,7 @@ class Entry:
     obj: Any
     origin: Origin
     aliases: tuple = ()
+    override: bool = False  # registered to replace any other plugin's entry of this name
 
 
 @dataclass
@@ -191,17 +194,24 @@ def _make_register(registry: Registry, kind: str, origin: Origin):
             raise PluginError(f"plugin {origin} registered a {kind} without a name: {obj!r}")
         existing = registry.get(kind, name)
         if existing is not None:
-            if existing.obj is obj or getattr(existing, "overrode", False):
+            if existing.obj is obj or existing.override:
                 return  # an earlier plugin explicitly replaced this name
             raise PluginError(
                 f"{kind} '{name}' is registered by both plugin {existing.origin} and plugin {origin}; "
                 "a plugin cannot silently shadow another: rename it, or register it with override=True"
             )
-        entry = Entry(kind, name, obj, origin, tuple(aliases))
-        entry.overrode = override
+        for alias in aliases:
+            taken = registry.get(kind, alias)
+            if taken is not None and not override:
+                raise PluginError(
+                    f"plugin {origin} registers alias '{alias}' for {kind} '{name}', but '{alias}' already names "
+                    f"{kind} '{taken.name}' of plugin {taken.origin}; drop the alias or pass override=True"
+                )
+        entry = Entry(kind, name, obj, origin, tuple(aliases), override)
         registry.entries[kind][name] = entry
         for alias in aliases:
-            registry.aliases[kind].setdefault(alias, name)
+            if override or registry.get(kind, alias) is None:
+                registry.aliases[kind][alias] = name
 
     return register
 

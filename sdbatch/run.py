@@ -83,16 +83,17 @@ class LocalExecutor:
         started = time.monotonic()
         total = len(job.plan) if self.limit is None else min(self.limit, len(job.plan))
         summary = Summary(total=total)
-        summary.already_done = sum(1 for item in job.plan.items(0, total) if out.is_done(item.id)) if out.entries else 0
+        required = [use.name for _cls, _options, use in job.writers]
+        summary.already_done = sum(1 for i in job.plan.items(0, total) if out.is_done(i.id, required)) if out.entries else 0
         if Path(job.filename).is_file():  # keep the job beside its outputs
             atomic_write(out.root / "job.yaml", Path(job.filename).read_bytes())
         writers = make_writers(job, self.context)
         renderer = Renderer(self.registry, self.device, job.spec.dtype, job.plan.models,
                             pad_batches_to=self.batch_size if _is_gpu(self.device) else None)
         progress = Progress(total, summary.already_done, quiet=self.quiet)
-        sink = _WriterThread(writers, out, summary, progress)
+        sink = _WriterThread(writers, out, summary, progress, required)
         try:
-            for batch in _batches(job.plan.items(0, total), self.batch_size, out):
+            for batch in _batches(job.plan.items(0, total), self.batch_size, out, required):
                 sink.check()
                 self._render(renderer, batch, sink, summary)
         finally:
@@ -134,12 +135,12 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _batches(items, batch_size: int, out: OutputDir):
+def _batches(items, batch_size: int, out: OutputDir, writers: list):
     """Groups of up to batch_size unfinished items sharing a batch key; ids seen twice render once."""
     pending: dict[tuple, list] = {}
     seen: set[str] = set()
     for item in items:
-        if out.is_done(item.id) or item.id in seen:
+        if out.is_done(item.id, writers) or item.id in seen:
             continue
         seen.add(item.id)
         group = pending.setdefault(item.batch_key(), [])
@@ -163,8 +164,9 @@ def _record_failures(root: Path, batch, exc: Exception) -> None:
 class _WriterThread:
     """Runs writers off the render loop; re-raises their errors in the main thread."""
 
-    def __init__(self, writers, out: OutputDir, summary: Summary, progress: Progress):
+    def __init__(self, writers, out: OutputDir, summary: Summary, progress: Progress, names: list):
         self.writers, self.out, self.summary, self.progress = writers, out, summary, progress
+        self.names = names
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="sdbatch-writer", daemon=True)
@@ -196,13 +198,13 @@ class _WriterThread:
 
     def _write(self, result) -> None:
         item = result.item
-        if self.out.is_done(item.id):
+        if self.out.is_done(item.id, self.names):
             return
         files = []
         for writer in self.writers:
             files += writer.write(result)
         record = item.to_json()
         record["model_hash"] = result.model_hash
-        self.out.record(Entry(item.id, item.index, files, record, result.seconds))
+        self.out.record(Entry(item.id, item.index, files, record, result.seconds, writers=list(self.names)))
         self.summary.rendered += 1
         self.progress.update(1)

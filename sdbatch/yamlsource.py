@@ -24,8 +24,9 @@ class Source:
     @property
     def folder(self) -> Path:
         """Folder that relative paths in the job are resolved against."""
-        path = Path(self.filename)
-        return path.parent if path.suffix else Path.cwd()
+        if self.filename.startswith("<"):  # text that came from no file, e.g. "<job>"
+            return Path.cwd()
+        return Path(self.filename).parent
 
     def where(self, path: KeyPath) -> tuple[int | None, int | None]:
         """Line and column for a key path, falling back to the closest ancestor."""

@@ -107,3 +107,23 @@ def test_changed_job_renders_only_new_items_and_never_overwrites(write_job, tiny
     assert result.returncode != 0
     assert "refusing to overwrite" in result.stderr
     assert _files(out) == after
+
+
+def test_a_writer_added_later_stores_finished_items_too(write_job, tiny_model, tmp_path):
+    from sdbatch.cli import main
+
+    out = tmp_path / "out"
+    body = f"""
+        model: {tiny_model}
+        prompt: "a red circle"
+        steps: 2
+        sweep: {{seed: [1, 2]}}
+    """.rstrip(" ")
+    assert main(["run", str(write_job(body + "        outputs: [png]\n", "a.yaml")), "-o", str(out), "-q"]) == 0
+    pngs = _files(out)
+    assert main(["run", str(write_job(body + "        outputs: [png, jpeg]\n", "b.yaml")), "-o", str(out), "-q"]) == 0
+    after = _files(out)
+    assert len([k for k in after if k.endswith(".jpg")]) == 2
+    assert {k: after[k] for k in pngs} == pngs  # the PNGs were re-stored with identical bytes
+    ids = _manifest_ids(out)
+    assert len(set(ids)) == 2

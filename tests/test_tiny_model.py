@@ -1,0 +1,144 @@
+"""sdbatch-tiny: the shipped model, its scene generator and its classifier.
+
+The model tests load the real shipped weights (a few MB, well under a second) through the
+plain diffusers pipeline, so a broken or random model fails here rather than in a demo.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdbatch.tiny import model_path, scenes
+
+PROMPT = "a large red circle on the left, on a blue background"
+
+
+@pytest.fixture(scope="module")
+def torch():
+    """torch with one thread: bit-identical runs need the same thread count each time."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    return torch
+
+
+@pytest.fixture(scope="module")
+def pipe(torch):
+    """The shipped model through StableDiffusionPipeline, offline, no sdbatch code involved."""
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(model_path()), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------- package
+
+
+def test_model_path_imports_no_torch():
+    code = "import sys, sdbatch.tiny as t; p = t.model_path(); assert 'torch' not in sys.modules, 'torch imported'; print(p)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert Path(out.strip()) == model_path()
+
+
+def test_model_folder_layout_and_size():
+    root = model_path()
+    for name in ("model_index.json", "sdbatch.json", "README.md", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (root / name).exists(), name
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}], "weights must be safetensors"
+    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+
+
+def test_sdbatch_defaults():
+    import json
+
+    d = json.loads((model_path() / "sdbatch.json").read_text())
+    assert d["width"] == d["height"] == scenes.SIZE
+    assert d["steps"] > 0 and d["guidance"] >= 1 and isinstance(d["sampler"], str)
+
+
+# ---------------------------------------------------------------- scenes
+
+
+def test_scenes_are_deterministic():
+    a, b = scenes.make_scene(1234), scenes.make_scene(1234)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.edges, b.edges) and np.array_equal(a.depth, b.depth)
+    assert a.caption == b.caption and a.attributes == b.attributes
+    assert a.image.shape == (64, 64, 3) and a.image.dtype == np.uint8
+    assert not np.array_equal(a.image, scenes.make_scene(1235).image)
+
+
+def test_captions_match_attributes():
+    for seed in range(200):
+        scene = scenes.make_scene(seed)
+        attrs = scene.attributes
+        assert scene.caption == scenes.caption(attrs)
+        for spec in attrs.shapes:
+            assert scenes.shape_phrase(spec) in scene.caption
+        assert scene.caption.endswith(scenes.background_phrase(attrs.background))
+        assert set(scene.caption.replace(",", " ,").split()) <= set(scenes.vocabulary())
+        # The named colour is really there: the shape's centre pixel has its colour.
+        front = attrs.front
+        pixel = scene.image[int(round(front.cy)), int(round(front.cx))].astype(int)
+        assert np.abs(pixel - scenes.COLOURS[front.colour]).max() < 10
+
+
+def test_overlap_front_shape_is_nearer_and_named_first():
+    overlapping = [s for s in map(scenes.make_scene, range(400)) if s.attributes.overlap]
+    assert overlapping, "no overlapping scene in 400 seeds"
+    for scene in overlapping[:20]:
+        back, front = scene.attributes.shapes
+        assert scene.caption.startswith(scenes.shape_phrase(front) + " in front of " + scenes.shape_phrase(back))
+        assert scene.depth[scene.labels == 2].min() > scene.depth[scene.labels == 1].max() > 0
+        assert scene.edges.any()
+
+
+def test_single_shape_scenes_are_frequent():
+    singles = sum(len(scenes.make_scene(s).attributes.shapes) == 1 for s in range(1000))
+    assert singles > 600
+
+
+# ---------------------------------------------------------------- classifier
+
+
+def test_classifier_held_out_accuracy(torch):
+    from sdbatch.tiny import classifier
+
+    acc = classifier.held_out_accuracy(classifier.load(), n=500)
+    assert min(acc.values()) >= 0.98, acc
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_tokenizer_covers_caption_words(pipe):
+    for word in scenes.vocabulary():
+        assert len(pipe.tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    assert pipe.tokenizer.model_max_length == 77
+
+
+def test_fixed_prompt_and_seed_give_identical_images(torch):
+    from diffusers import StableDiffusionPipeline
+
+    images = []
+    for _ in range(2):  # two independent loads, not one pipeline called twice
+        pipe = StableDiffusionPipeline.from_pretrained(str(model_path()), local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(PROMPT, num_inference_steps=10, height=64, width=64, generator=torch.Generator().manual_seed(42))
+        images.append(np.asarray(out.images[0]))
+    assert images[0].shape == (64, 64, 3)
+    assert np.array_equal(images[0], images[1])
+    assert images[0].std() > 10, "flat image: the model renders nothing"
+
+
+@pytest.mark.slow
+def test_short_evaluation_meets_colour_target(torch):
+    from sdbatch.tiny import evaluate
+
+    result = evaluate.evaluate(n=40, seed=1, baseline=False)
+    assert result["trained"]["colour"] >= 0.9, result
+    assert result["trained"]["background"] >= 0.8, result
