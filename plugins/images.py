@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Literal
 
 from sdbatch import hookimpl
 from sdbatch.api import Writer

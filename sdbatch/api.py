@@ -81,6 +81,8 @@ class Item:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float)):
+        return value
     if isinstance(value, PluginUse):
         return value.to_json()
     if isinstance(value, (list, tuple)):

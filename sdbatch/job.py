@@ -100,7 +100,7 @@ def validate_source(source: Source, registry: Registry) -> Job:
         spec = None
     if spec is None:
         # Keep going with what parsed, so one run reports as much as possible.
-        spec = _partial_spec(source, checker)
+        spec = _partial_spec(source)
     validator = _Validator(source, checker, registry, spec)
     job = validator.run()
     if checker.problems:
@@ -108,14 +108,12 @@ def validate_source(source: Source, registry: Registry) -> Job:
     return job
 
 
-def _partial_spec(source: Source, checker: Checker) -> JobSpec:
-    """A spec from the keys that did validate (the rest take defaults)."""
+def _partial_spec(source: Source) -> JobSpec:
+    """A spec from the keys that did validate (the rest take defaults); their problems are already recorded."""
     data = source.data if isinstance(source.data, dict) else {}
     spec = JobSpec()
     scratch = Checker(source)
-    from .schema import option_fields as fields_of
-
-    for name, (tp, meta) in fields_of(JobSpec).items():
+    for name, (tp, meta) in option_fields(JobSpec).items():
         if name in data:
             try:
                 setattr(spec, name, scratch.convert(data[name], tp, (name,), meta))

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
-from .api import Item, PluginUse
+from .api import Item
 
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
 MAX_PROMPT_VARIANTS = 100_000
@@ -108,9 +108,11 @@ class Plan:
         self.models = models
         self.conditioners = tuple(conditioners)
         self.postprocess = tuple(postprocess)
+        self._lengths = [len(axis) for axis in reversed(self.axes)]  # fastest-varying first
+        self._count = math.prod(self._lengths)
 
     def __len__(self) -> int:
-        return math.prod(len(axis) for axis in self.axes)
+        return self._count
 
     count = __len__
 
@@ -124,11 +126,11 @@ class Plan:
 
     def axis_values(self, index: int) -> dict:
         """The value of every axis at a plan index (mixed-radix decoding)."""
-        if not 0 <= index < len(self):
+        if not 0 <= index < self._count:
             raise IndexError(index)
         values = {}
-        for axis in reversed(self.axes):
-            index, position = divmod(index, len(axis))
+        for axis, length in zip(reversed(self.axes), self._lengths):
+            index, position = divmod(index, length)
             values.update(axis.at(position))
         return values
 

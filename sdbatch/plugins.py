@@ -10,6 +10,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
@@ -20,7 +21,7 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, did_you_mean
+from .errors import PluginError, SdbatchError, did_you_mean
 
 ENTRY_POINT_GROUP = "sdbatch"
 
@@ -58,6 +59,39 @@ class Entry:
     origin: Origin
     aliases: tuple = ()
     override: bool = False  # registered to replace any other plugin's entry of this name
+
+
+def describe_entry(entry: Entry) -> str:
+    """How errors name a registered thing: ``writer 'png' (plugin images, package sdbatch 0.1.0)``."""
+    origin = entry.origin
+    if origin.package.startswith("("):  # "(registered in code)", "(not installed)"
+        where = origin.package[1:-1]
+    else:
+        where = f"package {origin.package} {origin.version}".rstrip()
+    return f"{entry.kind.replace('_', ' ')} '{entry.name}' (plugin {origin.plugin}, {where})"
+
+
+class PluginCallError(Exception):
+    """A plugin raised while handling items: those items fail, the run goes on.
+
+    Not a SdbatchError on purpose: a SdbatchError (a bad job, an output conflict) stops a run.
+    """
+
+
+@contextlib.contextmanager
+def plugin_errors(entry: Entry, fatal: bool = False):
+    """Re-raise an exception from plugin code inside the block as one that names the plugin and package.
+
+    SdbatchErrors pass through unchanged (they already speak to the user). Anything else
+    becomes PluginCallError (an item failure), or PluginError with ``fatal=True`` (stops the run).
+    """
+    try:
+        yield
+    except (SdbatchError, PluginCallError):
+        raise
+    except Exception as exc:
+        message = f"{describe_entry(entry)} failed: {type(exc).__name__}: {exc}"
+        raise (PluginError if fatal else PluginCallError)(message) from exc
 
 
 @dataclass

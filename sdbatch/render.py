@@ -17,6 +17,7 @@ import torch
 from .api import Item
 from .latents import initial_noise, item_generator
 from .models import Model, ModelCache, resolve_device
+from .plugins import plugin_errors
 
 
 @dataclass
@@ -97,9 +98,11 @@ class Renderer:
     def _condition(self, items: list[Item], model: Model) -> Conditioning:
         cond = Conditioning(latents=[None] * len(items))
         for position, use in enumerate(items[0].conditioners):
-            conditioner = self.registry.require("conditioner", use.name).obj
-            options = [conditioner.parse_options(item.conditioners[position].options) for item in items]
-            conditioner.condition(items, options, model, cond)
+            entry = self.registry.require("conditioner", use.name)
+            conditioner = entry.obj
+            with plugin_errors(entry):
+                options = [conditioner.parse_options(item.conditioners[position].options) for item in items]
+                conditioner.condition(items, options, model, cond)
         if cond.prompt_embeds is None:
             raise ValueError("no conditioner produced prompt embeddings (add 'text' to conditioners)")
         return cond
@@ -146,8 +149,10 @@ class Renderer:
 
     def _postprocess(self, item: Item, image):
         for use in item.postprocess:
-            processor = self.registry.require("postprocessor", use.name).obj
-            image = processor.apply(image, processor.parse_options(use.options), item)
+            entry = self.registry.require("postprocessor", use.name)
+            processor = entry.obj
+            with plugin_errors(entry):
+                image = processor.apply(image, processor.parse_options(use.options), item)
         return image
 
 

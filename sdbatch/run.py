@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import SdbatchError
 from .output import Entry, OutputDir, atomic_write
+from .plugins import PluginCallError, plugin_errors
 from .progress import Progress
 
 SUMMARY = "summary.json"
@@ -91,7 +92,8 @@ class LocalExecutor:
         renderer = Renderer(self.registry, self.device, job.spec.dtype, job.plan.models,
                             pad_batches_to=self.batch_size if _is_gpu(self.device) else None)
         progress = Progress(total, summary.already_done, quiet=self.quiet)
-        sink = _WriterThread(writers, out, summary, progress, required)
+        entries_of = {w.name: self.registry.require("writer", w.name) for w in writers}  # names plugins in errors
+        sink = _WriterThread(writers, out, summary, progress, required, entries_of)
         try:
             for batch in _batches(job.plan.items(0, total), self.batch_size, out, required):
                 sink.check()
@@ -102,7 +104,8 @@ class LocalExecutor:
         sink.check()
         entries = [out.entries[i.id] for i in job.plan.items(0, total) if i.id in out.entries]
         for writer in writers:
-            summary.run_files += writer.finish(entries)
+            with plugin_errors(entries_of[writer.name], fatal=True):
+                summary.run_files += writer.finish(entries)
         summary.seconds = time.monotonic() - started
         summary.model_loads = renderer.cache.loads
         atomic_write(out.root / SUMMARY, json.dumps(summary.to_json(), indent=2).encode())
@@ -164,9 +167,11 @@ def _record_failures(root: Path, batch, exc: Exception) -> None:
 class _WriterThread:
     """Runs writers off the render loop; re-raises their errors in the main thread."""
 
-    def __init__(self, writers, out: OutputDir, summary: Summary, progress: Progress, names: list):
+    def __init__(self, writers, out: OutputDir, summary: Summary, progress: Progress, names: list,
+                 entries: dict):
         self.writers, self.out, self.summary, self.progress = writers, out, summary, progress
         self.names = names
+        self.entries = entries  # writer name -> registry Entry
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="sdbatch-writer", daemon=True)
@@ -201,8 +206,14 @@ class _WriterThread:
         if self.out.is_done(item.id, self.names):
             return
         files = []
-        for writer in self.writers:
-            files += writer.write(result)
+        try:
+            for writer in self.writers:
+                with plugin_errors(self.entries[writer.name]):
+                    files += writer.write(result)
+        except PluginCallError as exc:  # this item fails; the run goes on
+            self.summary.failed += 1
+            _record_failures(self.out.root, [item], exc)
+            return
         record = item.to_json()
         record["model_hash"] = result.model_hash
         self.out.record(Entry(item.id, item.index, files, record, result.seconds, writers=list(self.names)))
