@@ -26,36 +26,40 @@ class TextConditioner(Conditioner):
     def condition(self, items, options, model, state) -> None:
         import torch
 
-        prompts = [self.encode(model, item.prompt, opt.clip_skip) for item, opt in zip(items, options)]
-        negatives = [self.encode(model, item.negative_prompt, opt.clip_skip) for item, opt in zip(items, options)]
+        prompts = [encode_prompt(model, item.prompt, opt.clip_skip) for item, opt in zip(items, options)]
+        negatives = [encode_prompt(model, item.negative_prompt, opt.clip_skip) for item, opt in zip(items, options)]
         state.prompt_embeds = torch.stack(prompts)
         state.negative_prompt_embeds = torch.stack(negatives)
 
-    def encode(self, model, text: str, clip_skip: int = 1):
-        """Hidden states for one prompt, cached per model (a sweep re-uses a prompt many times)."""
-        import torch
 
-        cache = model.extra.setdefault("text_embeddings", {})
-        key = (text, clip_skip)
-        if key not in cache:
-            if len(cache) >= CACHE_LIMIT:
-                cache.clear()
-            tokenizer = model.tokenizer
-            tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt")
-            full = tokenizer(text, truncation=False, return_tensors="pt").input_ids
-            if full.shape[-1] > tokenizer.model_max_length:
-                print(f"sdbatch: prompt truncated to {tokenizer.model_max_length} tokens: {text[:60]!r}...",
-                      file=sys.stderr)
-            with torch.inference_mode():
-                output = model.text_encoder(tokens.input_ids.to(model.device), output_hidden_states=True)
-                if clip_skip > 1:
-                    hidden = output.hidden_states[-clip_skip]
-                    hidden = model.text_encoder.text_model.final_layer_norm(hidden)
-                else:
-                    hidden = output[0]
-            cache[key] = hidden[0].to(model.dtype)
+def clip_skip_of(item) -> int:
+    """The Clip skip an item's text conditioner uses (1 when it has none)."""
+    return next((use.options.get("clip_skip", 1) for use in item.conditioners if use.name == "text"), 1)
+
+
+def encode_prompt(model, text: str, clip_skip: int = 1):
+    """Hidden states (tokens, features) for one prompt, cached per model (sweeps repeat prompts)."""
+    import torch
+
+    cache = model.extra.setdefault("text_embeddings", {})
+    key = (text, clip_skip)
+    if key in cache:
         return cache[key]
+    if len(cache) >= CACHE_LIMIT:
+        cache.clear()
+    tokenizer = model.tokenizer
+    tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    if len(tokenizer(text, truncation=False).input_ids) > tokenizer.model_max_length:
+        print(f"sdbatch: prompt truncated to {tokenizer.model_max_length} tokens: {text[:60]!r}...", file=sys.stderr)
+    with torch.inference_mode():
+        output = model.text_encoder(tokens.input_ids.to(model.device), output_hidden_states=True)
+        if clip_skip > 1:  # A1111's Clip skip: an earlier layer, through the final layer norm
+            hidden = model.text_encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
+        else:
+            hidden = output[0]
+    cache[key] = hidden[0].to(model.dtype)
+    return cache[key]
 
 
 @hookimpl(trylast=True)

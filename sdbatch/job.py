@@ -24,6 +24,34 @@ def _m(**meta) -> dict:
 
 
 @dataclass
+class KeyframeSpec:
+    """One keyframe; unset fields carry over from the keyframe before (or the job)."""
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = field(default=None, metadata=_m(min=0, max=MAX_SEED))
+    image: str | None = field(default=None, metadata=_m(file=True, help="an image to start from (DDIM-inverted)"))
+    easing: str | None = field(default=None, metadata=_m(help="easing of the segment that starts here"))
+
+
+@dataclass
+class InterpolateSpec:
+    embeddings: Literal["slerp", "lerp"] = "slerp"
+    noise: Literal["slerp", "lerp"] = "slerp"
+    easing: str = field(default="linear", metadata=_m(help="linear, ease-in, ease-out, ease-in-out, cosine, cubic-bezier(x1, y1, x2, y2)"))
+
+
+@dataclass
+class AnimationSpec:
+    """Keyframed interpolation: frame -> keyframe; every frame becomes one item."""
+
+    keyframes: dict[str, KeyframeSpec] = field(metadata=_m(help="frame number -> {prompt, seed, image, ...}"))
+    fps: float = field(default=12.0, metadata=_m(min=0.1, max=240.0))
+    interpolate: InterpolateSpec = field(default_factory=InterpolateSpec)
+    schedules: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class JobSpec:
     """The top level of a job file."""
 
@@ -45,6 +73,7 @@ class JobSpec:
     wildcards: str | None = field(default=None, metadata=_m(folder=True))
     sweep: dict[str, Any] = field(default_factory=dict)
     zip: list[list[str]] = field(default_factory=list)
+    animation: AnimationSpec | None = None
     conditioners: Any = field(default_factory=lambda: ["text"])
     postprocess: Any = field(default_factory=list)
     outputs: Any = field(default_factory=lambda: ["png"])
@@ -135,13 +164,19 @@ class _Validator:
         spec = self.spec
         self.positions: dict[str, list[int]] = {}  # job key -> list index of each valid use
         uses = {key: self._uses(key) for key in USE_KINDS}
+        if spec.animation is not None and not any(u.name == "keyframes" for u in uses["conditioners"]):
+            if self.registry.get("conditioner", "keyframes") is None:
+                self.fail(("animation",), self.registry.unknown_message("conditioner", "keyframes"))
+            else:
+                uses["conditioners"].append(PluginUse("keyframes", {}))  # interpolates after the text conditioner
         writers = self._writers(uses["outputs"])
         self._sampler(spec.sampler, ("sampler",))
         models = self._models(spec)
         axes = self._axes(spec, uses, models)
+        timeline = self._animation(spec, uses) if spec.animation is not None else None
         plan = Plan(
             base=spec, axes=axes, models=models,
-            conditioners=tuple(uses["conditioners"]), postprocess=tuple(uses["postprocess"]),
+            conditioners=tuple(uses["conditioners"]), postprocess=tuple(uses["postprocess"]), timeline=timeline,
         )
         job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
         for writer_class, options, use, index in writers:
@@ -225,6 +260,77 @@ class _Validator:
         self.fail(path, f"model '{ref}' not found: not a registered name, a diffusers folder, a "
                         f".safetensors file or a hub id (loaders: {loaders})")
         return None
+
+    # -- animation -----------------------------------------------------------------------
+    #: Item fields a keyframe sets: they cannot also be swept.
+    KEYFRAME_FIELDS = ("prompt", "negative_prompt", "seed")
+
+    def _animation(self, spec: JobSpec, uses: dict):
+        """The Timeline of an animation job, with frames as the plan's last axis."""
+        from .animation import Keyframe, Timeline, file_sha256
+        from .latents import easing
+        from .schedules import Schedule, ScheduleError
+
+        anim, base = spec.animation, ("animation",)
+        for name in self.KEYFRAME_FIELDS:
+            if name in spec.sweep:
+                self.fail(("sweep", name), f"'{name}' comes from the animation's keyframes; it cannot also be swept")
+        frames = {}
+        for key, value in anim.keyframes.items():
+            path = base + ("keyframes", _yaml_key(key))
+            if not str(key).isdigit():
+                self.fail(path, f"keyframe keys are frame numbers (0, 24, ...), got {key!r}")
+            else:
+                frames[int(key)] = (value, path)
+        if frames and 0 not in frames:
+            self.fail(base + ("keyframes",), "the first keyframe must be at frame 0")
+        if not frames:
+            self.fail(base + ("keyframes",), "an animation needs at least one keyframe")
+            return None
+        for name, path in [(anim.interpolate.easing, base + ("interpolate", "easing"))] + [
+            (kf.easing, p + ("easing",)) for kf, p in frames.values() if kf.easing
+        ]:
+            try:
+                easing(name)
+            except ValueError as exc:
+                self.fail(path, str(exc))
+        keyframes, prompt, negative, seed = [], spec.prompt, spec.negative_prompt, spec.seed
+        for frame in sorted(frames):
+            kf, _ = frames[frame]
+            prompt = kf.prompt if kf.prompt is not None else prompt
+            negative = kf.negative_prompt if kf.negative_prompt is not None else negative
+            seed = kf.seed if kf.seed is not None else seed
+            sha = file_sha256(kf.image) if kf.image else None
+            keyframes.append(Keyframe(frame, prompt, negative, seed, kf.image, sha, kf.easing))
+        count = keyframes[-1].frame + 1
+        targets = self._axis_targets(uses)
+        schedules = {}
+        for name, text in anim.schedules.items():
+            path = base + ("schedules", name)
+            numeric = _numeric_type(targets[name][0]) if name in targets else None
+            if numeric is None:
+                numeric_names = [n for n, (tp, _) in targets.items() if _numeric_type(tp)]
+                self.fail(path, f"'{name}' is not a numeric parameter{did_you_mean(name, numeric_names)}; "
+                                f"schedulable: {', '.join(numeric_names)}")
+                continue
+            if name in spec.sweep:
+                self.fail(path, f"'{name}' is both swept and scheduled; choose one")
+                continue
+            try:
+                values = Schedule.parse(text).values(count, seed=keyframes[0].seed)
+            except ScheduleError as exc:
+                self.fail(path, str(exc))
+                continue
+            meta = targets[name][1]
+            if numeric is int:
+                values = [int(round(v)) for v in values]
+            for frame, value in enumerate(values):
+                if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]):
+                    self.fail(path, f"gives {value:g} at frame {frame}, outside {meta.get('min')}..{meta.get('max')}")
+                    break
+            schedules[name] = values
+        return Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
+                        anim.interpolate.easing, schedules)
 
     # -- sweeps -------------------------------------------------------------------------
     def _axes(self, spec: JobSpec, uses: dict, models: dict) -> list[Axis]:
@@ -340,6 +446,19 @@ class _Validator:
             placed.update(names)
             axes.append(Axis(tuple(names), tuple(values[n] for n in names)))
         return axes
+
+
+def _numeric_type(tp) -> type | None:
+    """int or float for a number type (optional or not), else None."""
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return args[0] if len(args) == 1 and args[0] in (int, float) else None
+
+
+def _yaml_key(key):
+    """Keyframe keys arrive as text; marks were recorded under the YAML's own (int) key."""
+    return int(key) if str(key).isdigit() else key
 
 
 def _as_plain(parsed: Any, raw: dict) -> dict:

@@ -50,10 +50,24 @@ def a1111_fields(item, model_hash: str = "", version: str = "") -> dict:
         "RNG": "CPU",  # sdbatch draws all noise on CPU; A1111 reproduces it with RNG: CPU
     }
     ordered = {k: fields[k] for k in A1111_ORDER if fields.get(k) is not None}
+    ordered.update(_animation_fields(item))
     ordered["sdbatch id"] = item.id
     if version:
         ordered["Version"] = f"sdbatch {version}"
     return ordered
+
+
+def _animation_fields(item) -> dict:
+    """Where an animation frame sits: its frame, and the keyframe it moves towards."""
+    animation = item.extra.get("animation")
+    if not animation:
+        return {}
+    fields = {"Frame": animation["frame"]}
+    if animation.get("t"):
+        end = animation["to"]
+        fields.update({"Interpolation": f"{animation['t']:.4f}", "Next prompt": end["prompt"],
+                       "Next seed": end["seed"]})
+    return fields
 
 
 def format_parameters(prompt: str, negative_prompt: str, fields: dict) -> str:

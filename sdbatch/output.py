@@ -26,7 +26,7 @@ TEMP_MARK = ".sdbatch-tmp"
 #: Fields a path template may use.
 TEMPLATE_FIELDS = {
     "id", "index", "seed", "prompt_slug", "template_slug", "steps", "guidance", "sampler",
-    "width", "height", "model", "ext", "job",
+    "width", "height", "model", "ext", "job", "frame",
 }
 
 
@@ -56,7 +56,7 @@ def check_template(template: str, fields: set = TEMPLATE_FIELDS) -> list[str]:
 
 
 #: Typed stand-ins for template fields, so format specs such as {index:06d} are checked.
-_SAMPLE_VALUES = {"index": 0, "seed": 0, "steps": 20, "width": 512, "height": 512}
+_SAMPLE_VALUES = {"index": 0, "seed": 0, "steps": 20, "width": 512, "height": 512, "frame": 0}
 
 
 def _escapes(relpath: str) -> bool:
@@ -76,7 +76,7 @@ def template_values(item, ext: str, job_name: str = "job") -> dict:
         "template_slug": slug(item.template or item.prompt), "steps": item.steps,
         "guidance": f"{item.guidance:g}", "sampler": _slug(item.sampler), "width": item.width,
         "height": item.height, "model": _slug(Path(item.model).stem or item.model), "ext": ext,
-        "job": _slug(job_name),
+        "job": _slug(job_name), "frame": item.extra.get("animation", {}).get("frame", item.index),
     }
 
 
@@ -196,21 +196,34 @@ class OutputDir:
         return FileRecord(relpath, digest, writer)
 
     def write_run_file(self, relpath: str, data: bytes, writer: str) -> FileRecord:
-        """Write a run-level file (a grid, a video); it replaces the one an earlier run made."""
+        """Write a run-level file (a grid, an index); it replaces the one an earlier run made."""
+        return self.write_run_file_via(relpath, lambda temp: temp.write_bytes(data), writer)
+
+    def write_run_file_via(self, relpath: str, fill, writer: str) -> FileRecord:
+        """Let ``fill(temp_path)`` write a run-level file (a video), then rename it into place.
+
+        A killed run leaves at most a temporary file, never a partial file under the final name.
+        """
         if _escapes(relpath):
             raise OutputConflict(f"output path {relpath!r} escapes the output folder")
         if relpath in self.owners:
             raise OutputConflict(f"{relpath} belongs to item {self.owners[relpath]}; choose another path")
         target = self.root / relpath
-        digest = hashlib.sha256(data).hexdigest()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.{os.getpid()}{TEMP_MARK}{target.suffix}")
+        fill(temp)
+        digest = _sha256_file(temp)
         with self._lock:
             if relpath not in self.run_files:
                 if target.exists() and _sha256_file(target) != digest:
+                    temp.unlink()
                     raise OutputConflict(f"{target} already holds a file not written by this job with different "
                                          "content; refusing to overwrite it")
                 self.run_files.add(relpath)
                 atomic_write(self.root / RUN_FILES, json.dumps(sorted(self.run_files), indent=1).encode())
-        atomic_write(target, data)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
         return FileRecord(relpath, digest, writer)
 
     def _remove_temporaries(self) -> None:

@@ -102,8 +102,11 @@ def slug(text: str, limit: int = 60) -> str:
 class Plan:
     """Items in a fixed order: the first axis varies slowest, the last fastest."""
 
-    def __init__(self, base, axes: list[Axis], models: dict, conditioners=(), postprocess=()):
+    def __init__(self, base, axes: list[Axis], models: dict, conditioners=(), postprocess=(), timeline=None):
         self.base = base
+        self.timeline = timeline  # an animation.Timeline: frames become the last (fastest) axis
+        if timeline is not None:
+            axes = list(axes) + [Axis(("frame",), (range(timeline.frames),))]
         self.axes = list(axes)
         self.models = models
         self.conditioners = tuple(conditioners)
@@ -140,6 +143,13 @@ class Plan:
         return Item(index=index, **fields)
 
     def _fields(self, values: dict) -> dict:
+        axes = {k: (v[1] if k == "prompt" else v) for k, v in values.items()}
+        extra = {}
+        if self.timeline is not None:
+            frame = self.timeline.frame(values["frame"])
+            values = {**values, **frame["fields"]}
+            values["prompt"] = (frame["fields"]["prompt"], frame["fields"]["prompt"])
+            extra["animation"] = frame["animation"]
         base = self.base
         model = values.get("model", base.model)
         defaults = dict(FALLBACK_DEFAULTS)
@@ -159,12 +169,14 @@ class Plan:
             if fields[name] is None:
                 fields[name] = defaults[name]
         fields["guidance"] = float(fields["guidance"])
+        fields["steps"] = int(round(fields["steps"]))
         if "size" in values:
             width, height = SIZE_PATTERN.fullmatch(values["size"]).groups()
             fields["width"], fields["height"] = int(width), int(height)
         fields["conditioners"] = _with_options(self.conditioners, values)
         fields["postprocess"] = _with_options(self.postprocess, values)
-        fields["axes"] = {k: (v[1] if k == "prompt" else v) for k, v in values.items()}
+        fields["axes"] = axes
+        fields["extra"] = extra
         return fields
 
 

@@ -27,6 +27,7 @@ class RunContext:
     out: OutputDir
     versions: dict
     job_name: str
+    notes: dict = field(default_factory=dict)  # figures writers report, merged into summary.json
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Summary:
     render_seconds: float = 0.0
     model_loads: int = 0
     run_files: list = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -108,6 +110,7 @@ class LocalExecutor:
                 summary.run_files += writer.finish(entries)
         summary.seconds = time.monotonic() - started
         summary.model_loads = renderer.cache.loads
+        summary.notes = self.context.notes
         atomic_write(out.root / SUMMARY, json.dumps(summary.to_json(), indent=2).encode())
         return summary
 

@@ -1,0 +1,75 @@
+"""The keyframes conditioner: mixes prompt embeddings and initial latents between keyframes.
+
+It runs after the text conditioner for animation frames. A frame on a keyframe (t = 0)
+is left exactly as the text conditioner and the item's seed make it, so it is
+bit-identical to that keyframe rendered as a still. Image keyframes are inverted with
+DDIM (guidance 1) to the initial latent that reproduces them.
+"""
+
+from __future__ import annotations
+
+from sdbatch import hookimpl
+from sdbatch.api import Conditioner
+
+from .text import clip_skip_of, encode_prompt
+
+
+class KeyframesConditioner(Conditioner):
+    """Interpolation between an animation frame's two keyframes (lerp or slerp per token)."""
+
+    name = "keyframes"
+    description = "keyframed interpolation of prompt embeddings and initial latents"
+
+    def condition(self, items, options, model, state) -> None:
+        from sdbatch.latents import MIXERS, slerp_rows
+
+        for row, item in enumerate(items):
+            animation = item.extra.get("animation")
+            if animation is None:
+                continue
+            start, t = animation["from"], animation["t"]
+            if t == 0:
+                if start.get("image"):
+                    state.latents[row] = self.keyframe_latent(model, item, start)
+                continue
+            end = animation["to"]
+            skip = clip_skip_of(item)
+            mix_text = slerp_rows if animation["embeddings"] == "slerp" else MIXERS["lerp"]
+            state.prompt_embeds[row] = mix_text(encode_prompt(model, start["prompt"], skip),
+                                                encode_prompt(model, end["prompt"], skip), t)
+            state.negative_prompt_embeds[row] = mix_text(encode_prompt(model, start["negative_prompt"], skip),
+                                                         encode_prompt(model, end["negative_prompt"], skip), t)
+            mix_noise = MIXERS[animation["noise"]]
+            state.latents[row] = mix_noise(self.keyframe_latent(model, item, start),
+                                           self.keyframe_latent(model, item, end), t)
+
+    def keyframe_latent(self, model, item, keyframe: dict):
+        """A keyframe's initial latent: its seed's noise, or its image inverted (cached per model)."""
+        from sdbatch.latents import initial_noise
+
+        factor = model.vae_scale_factor
+        shape = (model.latent_channels, item.height // factor, item.width // factor)
+        if not keyframe.get("image"):
+            return initial_noise(keyframe["seed"], shape)
+        key = (keyframe["image_sha256"], keyframe["prompt"], item.steps, item.width, item.height, clip_skip_of(item))
+        cache = model.extra.setdefault("inverted_keyframes", {})
+        if key not in cache:
+            cache[key] = self.invert(model, item, keyframe)
+        return cache[key]
+
+    def invert(self, model, item, keyframe: dict):
+        from PIL import Image
+
+        from sdbatch.inversion import ddim_invert, encode_image
+
+        with Image.open(keyframe["image"]) as image:
+            image = image.convert("RGB").resize((item.width, item.height), Image.Resampling.LANCZOS)
+        latents = encode_image(model, image)
+        embeds = encode_prompt(model, keyframe["prompt"], clip_skip_of(item))
+        return ddim_invert(model, latents, embeds, item.steps)
+
+
+@hookimpl(trylast=True)
+def register_conditioners(register):
+    """Animation keyframes (added to animation jobs automatically)."""
+    register(KeyframesConditioner())

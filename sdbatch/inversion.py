@@ -1,0 +1,32 @@
+"""DDIM inversion: a real image back to the initial latent that DDIM would turn into it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def encode_image(model, image) -> torch.Tensor:
+    """VAE latents (scaled as the U-Net sees them) of a PIL image resized to the model's grid."""
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(model.device, model.vae.dtype)
+    with torch.inference_mode():
+        latents = model.vae.encode(pixels).latent_dist.mean
+    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * model.vae.config.scaling_factor)[0].float().cpu()
+
+
+def ddim_invert(model, latents: torch.Tensor, prompt_embeds: torch.Tensor, steps: int) -> torch.Tensor:
+    """Run DDIM backwards from clean latents to x_T with guidance 1 (Mokady et al.; diffusers' recipe)."""
+    from diffusers import DDIMInverseScheduler
+
+    scheduler = DDIMInverseScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(steps, device=model.device)
+    sample = latents[None].to(model.device, model.dtype)
+    embeds = prompt_embeds[None].to(model.device, model.dtype)
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            noise = model.unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            sample = scheduler.step(noise, t, sample, return_dict=False)[0]
+    return sample[0].float().cpu()

@@ -1,0 +1,204 @@
+"""Animations: easing, interpolation math, schedules, keyframe frames, video files, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sdbatch.errors import JobError
+from sdbatch.job import load_job
+from sdbatch.latents import EASINGS, easing, lerp, slerp
+from sdbatch.schedules import Schedule, ScheduleError
+
+
+# ---------------------------------------------------------------- easing and interpolation
+@pytest.mark.parametrize("name", list(EASINGS) + ["cubic-bezier(0.42, 0, 0.58, 1)", "cubic-bezier(0.1, 0.9, 0.2, 1)"])
+def test_easings_are_monotone_from_0_to_1(name):
+    ease = easing(name)
+    assert ease(0.0) == pytest.approx(0.0, abs=1e-9) and ease(1.0) == pytest.approx(1.0, abs=1e-9)
+    values = [ease(i / 200) for i in range(201)]
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+
+
+def test_unknown_easing_and_bad_bezier_are_refused():
+    with pytest.raises(ValueError, match="unknown easing"):
+        easing("bounce")
+    with pytest.raises(ValueError, match="x1 and x2"):
+        easing("cubic-bezier(1.5, 0, 0.5, 1)")
+
+
+def test_slerp_keeps_the_norm_where_lerp_loses_it():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 32, 32, generator=g), torch.randn(4, 32, 32, generator=g)
+    for t in (0.25, 0.5, 0.75):
+        ratio_slerp = float(slerp(a, b, t).norm() / a.norm())
+        ratio_lerp = float(lerp(a, b, t).norm() / a.norm())
+        assert ratio_slerp == pytest.approx(1.0, abs=0.03)
+        assert ratio_lerp < 0.85  # variance (1-t)^2 + t^2: 0.707 at t = 0.5
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    assert torch.allclose(slerp(a, a * 2, 0.5), lerp(a, a * 2, 0.5))  # parallel: falls back to lerp
+
+
+# ---------------------------------------------------------------- schedules
+def test_deforum_schedule_semantics():
+    assert Schedule.parse("0:(7.5), 4:(12), 8:(7.5)").values(10) == [7.5, 8.625, 9.75, 10.875, 12.0,
+                                                                     10.875, 9.75, 8.625, 7.5, 7.5]
+    values = Schedule.parse("0:(1), 5:(t*2)").values(8)
+    assert values[5:] == [10.0, 12.0, 14.0]  # an expression holds from its keyframe on, with t the frame
+    assert values[:5] == pytest.approx([1.0, 2.8, 4.6, 6.4, 8.2])  # numbers interpolate towards it
+    assert Schedule.parse("0:(max_f - t)").values(4) == [3.0, 2.0, 1.0, 0.0]
+    assert Schedule.parse("0:(where(t < 2, 1, 5))").values(4) == [1.0, 1.0, 5.0, 5.0]
+    assert Schedule.parse(3.5).values(3) == [3.5, 3.5, 3.5]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0:(7.5", "unbalanced"),
+    ("0:(__import__('os').system('x'))", "not allowed|unknown function"),
+    ("0:(x + 1)", "unknown name 'x'"),
+    ("0:(9**9**9)", "too large"),
+    ("0:(1/0)", "division by zero"),
+    ("0:(1), 0:(2)", "appears twice"),
+    ("zero:(1)", "not a frame number"),
+    ("0:(1) 5:(2)", "expected ','"),
+])
+def test_bad_schedules_are_refused(text, message):
+    with pytest.raises(ScheduleError, match=message):
+        Schedule.parse(text).values(10)
+
+
+def _animation_job(write_job, tiny_model, schedules='{guidance: "0:(7.5), 4:(12), 8:(7.5)"}', extra=""):
+    return write_job(f"""
+        model: {tiny_model}
+        sampler: DDIM
+        steps: 3
+        animation:
+          fps: 8
+          keyframes:
+            0: {{prompt: "a red circle on a blue background", seed: 1}}
+            4: {{prompt: "a green square on a blue background", seed: 2}}
+            8: {{prompt: "a yellow triangle on a black background", easing: cosine}}
+          interpolate: {{embeddings: slerp, noise: slerp, easing: ease-in-out}}
+          schedules: {schedules}
+        outputs: [{{video: {{format: mp4}}}}, {{frames: {{format: png}}}}]
+        {extra}
+    """)
+
+
+def test_bad_schedule_expression_points_at_its_yaml_line(write_job, tiny_model, registry):
+    path = _animation_job(write_job, tiny_model, schedules='{guidance: "0:(7.5), 4:(sin(t)+)"}')
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    text = str(error.value)
+    line = next(i for i, row in enumerate(path.read_text().splitlines(), 1) if "schedules:" in row)
+    assert f"{path}:{line}:" in text and "animation.schedules.guidance" in text and "bad expression" in text
+
+
+def test_animation_validation_errors(write_job, tiny_model, registry):
+    path = write_job(f"""
+        model: {tiny_model}
+        sweep: {{seed: [1, 2]}}
+        animation:
+          keyframes:
+            3: {{prompt: "a red circle"}}
+            x: {{prompt: "a blue circle"}}
+          interpolate: {{easing: bouncy}}
+          schedules: {{sampler: "0:(1)", guidance: "0:(500)"}}
+        outputs: [video]
+    """)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    text = str(error.value)
+    for expected in ["sweep.seed: 'seed' comes from the animation's keyframes",
+                     "the first keyframe must be at frame 0", "keyframe keys are frame numbers",
+                     "unknown easing 'bouncy'", "'sampler' is not a numeric parameter",
+                     "gives 500 at frame 0", "needs a writer that keeps the frames"]:
+        assert expected in text
+
+
+def test_frames_are_plan_items_with_their_keyframe_neighbours(write_job, tiny_model, registry):
+    job = load_job(_animation_job(write_job, tiny_model), registry)
+    frames = list(job.plan)
+    assert len(frames) == 9 and [f.extra["animation"]["frame"] for f in frames] == list(range(9))
+    middle = frames[2].extra["animation"]
+    assert middle["from"]["seed"] == 1 and middle["to"]["seed"] == 2 and 0 < middle["t"] < 1
+    assert middle["t"] == pytest.approx(easing("ease-in-out")(0.5))
+    assert frames[6].extra["animation"]["t"] == pytest.approx(easing("cosine")(0.5))  # the segment's own easing
+    assert frames[8].seed == 2  # a keyframe without a seed keeps the previous one
+    assert [f.guidance for f in frames[:5]] == [7.5, 8.625, 9.75, 10.875, 12.0]
+    assert frames[4].extra["animation"] == {"frame": 4, "t": 0.0, "from": frames[4].extra["animation"]["from"]}
+
+
+# ---------------------------------------------------------------- rendering
+@pytest.mark.slow
+def test_a_keyframe_frame_is_bit_identical_to_the_still(write_job, tiny_model, registry):
+    from sdbatch.render import Renderer
+
+    job = load_job(_animation_job(write_job, tiny_model), registry)
+    frame = job.plan.item_at(4)
+    still_job = load_job(write_job(f"""
+        model: {tiny_model}
+        sampler: DDIM
+        steps: 3
+        prompt: "a green square on a blue background"
+        seed: 2
+        guidance: 12
+    """, "still.yaml"), registry)
+    renderer = Renderer(registry, "cpu", "float32", {**job.plan.models, **still_job.plan.models})
+    between = job.plan.item_at(3)
+    animated = renderer.render([frame, between])
+    still = renderer.render([still_job.plan.item_at(0)])[0]
+    assert np.array_equal(np.asarray(animated[0].image), np.asarray(still.image))
+    assert not np.array_equal(np.asarray(animated[1].image), np.asarray(still.image))
+
+
+def _run(job, out, *extra):
+    return subprocess.run([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(out), "-q", *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _frames(out):
+    return {p.name: p.read_bytes() for p in sorted((out / "frames").rglob("*.png"))}
+
+
+@pytest.mark.slow
+def test_video_decodes_and_a_killed_animation_resumes_to_the_same_frames(write_job, tiny_model, tmp_path):
+    import imageio_ffmpeg
+
+    job = _animation_job(write_job, tiny_model)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    result = _run(job, clean)
+    assert result.returncode == 0, result.stderr
+
+    reader = imageio_ffmpeg.read_frames(str(clean / "videos" / "job.mp4"))
+    meta = next(reader)
+    assert meta["fps"] == 8 and tuple(meta["size"]) == (64, 64) and sum(1 for _ in reader) == 9
+    summary = json.loads((clean / "summary.json").read_text())
+    smooth = summary["notes"]["smoothness"]["videos/job.mp4"]
+    assert smooth["frames"] == 9 and len(smooth["steps"]) == 8 and smooth["mean"] > 0
+    assert json.loads((clean / "videos" / "job.smoothness.json").read_text())["mean"] == smooth["mean"]
+
+    process = subprocess.Popen([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(killed), "-q"],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest, deadline = killed / "manifest.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.is_file() and len(manifest.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "videos" / "job.mp4").exists()  # never a partial video under the final name
+    result = _run(job, killed)
+    assert result.returncode == 0, result.stderr
+    assert _frames(killed) == _frames(clean)
+    assert (killed / "videos" / "job.mp4").is_file()
