@@ -202,3 +202,61 @@ def test_video_decodes_and_a_killed_animation_resumes_to_the_same_frames(write_j
     assert result.returncode == 0, result.stderr
     assert _frames(killed) == _frames(clean)
     assert (killed / "videos" / "job.mp4").is_file()
+
+
+# ---------------------------------------------------------------- image keyframes and audio
+@pytest.mark.slow
+def test_image_keyframes_render_and_their_content_is_in_the_item_id(write_job, tiny_model, registry, tmp_path):
+    from PIL import Image
+
+    from sdbatch.cli import main
+
+    source = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(source)
+    path = write_job(f"""
+        model: {tiny_model}
+        sampler: DDIM
+        steps: 3
+        guidance: 1
+        animation:
+          keyframes:
+            0: {{image: start.png, prompt: "a red square"}}
+            3: {{prompt: "a blue circle", seed: 5}}
+        outputs: [frames, {{video: {{format: webp}}}}]
+    """)
+    first = load_job(path, registry).plan.item_at(0)
+    assert first.extra["animation"]["from"]["image_sha256"]
+    assert main(["run", str(path), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert len(list((tmp_path / "out" / "frames").rglob("*.png"))) == 4
+    with Image.open(tmp_path / "out" / "videos" / "job.webp") as video:
+        assert video.n_frames == 4
+    Image.new("RGB", (64, 64), (20, 30, 200)).save(source)
+    assert load_job(path, registry).plan.item_at(0).id != first.id
+
+
+@pytest.mark.slow
+def test_video_with_an_audio_track(write_job, tiny_model, tmp_path):
+    import wave
+
+    import imageio_ffmpeg
+
+    from sdbatch.cli import main
+
+    with wave.open(str(tmp_path / "tone.wav"), "wb") as audio:
+        audio.setnchannels(1)
+        audio.setsampwidth(2)
+        audio.setframerate(8000)
+        samples = (np.sin(np.arange(8000) * 2 * np.pi * 440 / 8000) * 8000).astype("<i2")
+        audio.writeframes(samples.tobytes())
+    path = write_job(f"""
+        model: {tiny_model}
+        steps: 2
+        animation:
+          fps: 4
+          keyframes: {{0: {{prompt: "a red circle", seed: 1}}, 3: {{prompt: "a blue circle", seed: 2}}}}
+        outputs: [frames, {{video: {{format: mp4, audio: tone.wav}}}}]
+    """)
+    assert main(["run", str(path), "-o", str(tmp_path / "out"), "-q"]) == 0
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i",
+                            str(tmp_path / "out" / "videos" / "job.mp4")], capture_output=True, text=True)
+    assert "Video: h264" in probe.stderr and "Audio: aac" in probe.stderr
