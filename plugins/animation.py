@@ -45,28 +45,16 @@ class KeyframesConditioner(Conditioner):
 
     def keyframe_latent(self, model, item, keyframe: dict):
         """A keyframe's initial latent: its seed's noise, or its image inverted (cached per model)."""
+        from sdbatch.inversion import invert_image_file
         from sdbatch.latents import initial_noise
 
         factor = model.vae_scale_factor
         shape = (model.latent_channels, item.height // factor, item.width // factor)
         if not keyframe.get("image"):
             return initial_noise(keyframe["seed"], shape)
-        key = (keyframe["image_sha256"], keyframe["prompt"], item.steps, item.width, item.height, clip_skip_of(item))
-        cache = model.extra.setdefault("inverted_keyframes", {})
-        if key not in cache:
-            cache[key] = self.invert(model, item, keyframe)
-        return cache[key]
-
-    def invert(self, model, item, keyframe: dict):
-        from PIL import Image
-
-        from sdbatch.inversion import ddim_invert, encode_image
-
-        with Image.open(keyframe["image"]) as image:
-            image = image.convert("RGB").resize((item.width, item.height), Image.Resampling.LANCZOS)
-        latents = encode_image(model, image)
         embeds = encode_prompt(model, keyframe["prompt"], clip_skip_of(item))
-        return ddim_invert(model, latents, embeds, item.steps)
+        return invert_image_file(model, keyframe["image"], keyframe["image_sha256"], keyframe["prompt"], embeds,
+                                 item.steps, item.width, item.height)
 
 
 @hookimpl(trylast=True)

@@ -183,6 +183,37 @@ class Conditioner(Plugin):
         raise NotImplementedError
 
 
+@dataclass
+class Direction:
+    """One edit direction: a tensor in a named space, with what is needed to apply and reuse it.
+
+    ``space`` is "text" (added to prompt embeddings), "latent" (added to x_t at
+    ``meta["timestep"]``, a fraction of the schedule) or "guidance" (a prompt steering
+    sampling, as SEGA does). ``meta`` values are plain data; they are saved with the tensor.
+    """
+
+    name: str
+    space: str
+    tensor: Any = None
+    meta: dict = field(default_factory=dict)
+
+
+class DirectionFinder(Plugin):
+    """Finds edit directions for an edit job's ``directions:`` entries of this ``kind`` (its name).
+
+    ``labels(options)`` is called while planning (no model): one label per direction it
+    will find. ``find(model, source, options)`` returns that many ``Direction`` objects
+    for a source (a dict with prompt, negative_prompt, seed, guidance, steps and, for
+    latent spaces, ``latents_at(fraction)``); sdbatch caches them per source and finder.
+    """
+
+    def labels(self, options) -> list[str]:
+        return [self.name]
+
+    def find(self, model, source, options) -> list:
+        raise NotImplementedError
+
+
 class PostProcessor(Plugin):
     """Transforms one decoded PIL image: ``apply(image, options, item) -> image``."""
 

@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full sdbatch record as JSON")
     p.set_defaults(handler=cmd_info)
 
+    p = sub.add_parser("report", help="write a static HTML page of a run: gallery, filters, grid, summary")
+    p.add_argument("output", metavar="OUT_DIR", help="a run's output folder")
+    p.add_argument("-o", "--report", default=None, help="the page to write (default: OUT_DIR/report.html)")
+    p.add_argument("--thumb-size", type=int, default=256, help="longest side of embedded thumbnails (default: 256)")
+    p.add_argument("--max-items", type=int, default=5000, help="items in the gallery at most (default: 5000)")
+    p.set_defaults(handler=cmd_report)
+
     p = sub.add_parser("make-test-model", help="build a tiny random Stable Diffusion for offline tests")
     p.add_argument("folder")
     p.add_argument("--single-file", default=None, help="also write an LDM-layout .safetensors checkpoint")
@@ -165,6 +172,14 @@ def cmd_info(args) -> int:
             print(f"{path}: no generation parameters found", file=sys.stderr)
             status = 1
     return status
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    page = write_report(args.output, args.report, thumb_size=args.thumb_size, max_items=args.max_items)
+    print(f"report written to {page}")
+    return 0
 
 
 def cmd_make_test_model(args) -> int:

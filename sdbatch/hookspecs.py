@@ -42,6 +42,14 @@ def register_samplers(register):
     """
 
 
+@hookspec
+def register_directions(register):
+    """Register DirectionFinder objects: ways to find edit directions in a model's latent spaces.
+
+    Call ``register(finder, aliases=(), override=False)``; edit jobs name it as a direction's ``kind``.
+    """
+
+
 # ---------------------------------------------------------------- images
 @hookspec
 def register_postprocessors(register):

@@ -30,3 +30,17 @@ def ddim_invert(model, latents: torch.Tensor, prompt_embeds: torch.Tensor, steps
             noise = model.unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
             sample = scheduler.step(noise, t, sample, return_dict=False)[0]
     return sample[0].float().cpu()
+
+
+def invert_image_file(model, path: str, sha256: str, prompt: str, prompt_embeds, steps: int, width: int,
+                      height: int):
+    """x_T of an image file at the item's size, cached per model by content, prompt and steps."""
+    from PIL import Image
+
+    key = (sha256, prompt, steps, width, height)
+    cache = model.extra.setdefault("inverted_images", {})
+    if key not in cache:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        cache[key] = ddim_invert(model, encode_image(model, image), prompt_embeds, steps)
+    return cache[key]

@@ -7,6 +7,7 @@ see README.md ("Job file reference") for a commented example.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .api import ModelRequest, PluginUse
@@ -52,6 +53,27 @@ class AnimationSpec:
 
 
 @dataclass
+class EditSourceSpec:
+    """A generated source (prompt + seed, its trajectory replayed) or a real image (DDIM-inverted)."""
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = field(default=None, metadata=_m(min=0, max=MAX_SEED))
+    image: str | None = field(default=None, metadata=_m(file=True))
+
+
+@dataclass
+class EditSpec:
+    """Edit sources along directions found in the model, with a sweep of strengths."""
+
+    directions: list[dict[str, Any]] = field(metadata=_m(min_items=1, help="each {kind: NAME, ...its options}"))
+    source: EditSourceSpec | None = None
+    sources: list[EditSourceSpec] = field(default_factory=list)
+    strengths: Any = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0],
+                           metadata=_m(help="a list, or {from: -2, to: 2, steps: 9}"))
+
+
+@dataclass
 class JobSpec:
     """The top level of a job file."""
 
@@ -74,6 +96,7 @@ class JobSpec:
     sweep: dict[str, Any] = field(default_factory=dict)
     zip: list[list[str]] = field(default_factory=list)
     animation: AnimationSpec | None = None
+    edit: EditSpec | None = None
     conditioners: Any = field(default_factory=lambda: ["text"])
     postprocess: Any = field(default_factory=list)
     outputs: Any = field(default_factory=lambda: ["png"])
@@ -164,19 +187,26 @@ class _Validator:
         spec = self.spec
         self.positions: dict[str, list[int]] = {}  # job key -> list index of each valid use
         uses = {key: self._uses(key) for key in USE_KINDS}
-        if spec.animation is not None and not any(u.name == "keyframes" for u in uses["conditioners"]):
-            if self.registry.get("conditioner", "keyframes") is None:
-                self.fail(("animation",), self.registry.unknown_message("conditioner", "keyframes"))
+        for section, conditioner in (("animation", "keyframes"), ("edit", "edit")):
+            if getattr(spec, section) is None or any(u.name == conditioner for u in uses["conditioners"]):
+                continue
+            if self.registry.get("conditioner", conditioner) is None:
+                self.fail((section,), self.registry.unknown_message("conditioner", conditioner))
             else:
-                uses["conditioners"].append(PluginUse("keyframes", {}))  # interpolates after the text conditioner
+                uses["conditioners"].append(PluginUse(conditioner, {}))  # runs after the text conditioner
+        if spec.animation is not None and spec.edit is not None:
+            self.fail(("edit",), "a job is either an animation or an edit, not both")
+        if spec.edit is not None and spec.sampler is None:
+            spec.sampler = "DDIM"  # edits replay deterministic trajectories
         writers = self._writers(uses["outputs"])
         self._sampler(spec.sampler, ("sampler",))
         models = self._models(spec)
         axes = self._axes(spec, uses, models)
         timeline = self._animation(spec, uses) if spec.animation is not None else None
+        edit = self._edit(spec) if spec.edit is not None else None
         plan = Plan(
-            base=spec, axes=axes, models=models,
-            conditioners=tuple(uses["conditioners"]), postprocess=tuple(uses["postprocess"]), timeline=timeline,
+            base=spec, axes=axes, models=models, conditioners=tuple(uses["conditioners"]),
+            postprocess=tuple(uses["postprocess"]), timeline=timeline, edit=edit,
         )
         job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
         for writer_class, options, use, index in writers:
@@ -331,6 +361,81 @@ class _Validator:
             schedules[name] = values
         return Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
                         anim.interpolate.easing, schedules)
+
+    # -- editing -------------------------------------------------------------------------
+    def _edit(self, spec: JobSpec):
+        """The EditPlan: labelled sources and directions, and the strengths, as plan axes."""
+        from .animation import file_sha256
+        from .editing import EditPlan
+
+        edit, base = spec.edit, ("edit",)
+        for name in self.KEYFRAME_FIELDS:
+            if name in spec.sweep:
+                self.fail(("sweep", name), f"'{name}' comes from the edit's sources; it cannot also be swept")
+        sources = ([edit.source] if edit.source else []) + list(edit.sources)
+        if not sources:
+            self.fail(base, "an edit needs a source: {prompt, seed} or {image, prompt}")
+        plan = EditPlan()
+        for number, source in enumerate(sources):
+            prompt = source.prompt if source.prompt is not None else spec.prompt
+            seed = source.seed if source.seed is not None else spec.seed
+            entry = {"prompt": prompt, "seed": seed,
+                     "negative_prompt": source.negative_prompt if source.negative_prompt is not None
+                     else spec.negative_prompt}
+            if source.image:
+                entry.update(image=source.image, image_sha256=file_sha256(source.image))
+                label = f"{number}: {Path(source.image).name}"
+            else:
+                label = f"{number}: {prompt[:40]} (seed {seed})"
+            plan.sources[label] = entry
+        for index, raw in enumerate(edit.directions):
+            self._direction(plan, dict(raw), base + ("directions", index))
+        try:
+            plan.strengths = self._strengths(edit.strengths, base + ("strengths",))
+        except Invalid:
+            pass
+        return plan
+
+    def _direction(self, plan, raw: dict, path: KeyPath) -> None:
+        kind = raw.pop("kind", None)
+        if kind is None:
+            self.fail(path, "missing required key 'kind' (a direction finder: "
+                            f"{', '.join(self.registry.names('direction'))})")
+            return
+        entry = self.registry.get("direction", str(kind))
+        if entry is None:
+            self.fail(path + ("kind",), self.registry.unknown_message("direction", str(kind)))
+            return
+        finder = entry.obj
+        if "from" in raw:  # a Python keyword: option dataclasses spell it from_
+            raw["from_"] = raw.pop("from")
+        try:
+            options = self.checker.convert(raw, finder.Options, path)
+        except Invalid:
+            return
+        for index, label in enumerate(finder.labels(options)):
+            full = f"{len(plan.directions)}: {label}"
+            plan.directions[full] = {"kind": entry.name, "options": _as_plain(options, raw), "index": index}
+
+    def _strengths(self, raw, path: KeyPath) -> list[float]:
+        from .editing import strength_values
+
+        @dataclass
+        class StrengthRange:
+            steps: int = field(metadata=_m(min=1, max=1000))
+            to: float = 2.0
+            start: float = field(default=-2.0)
+
+        if isinstance(raw, dict):
+            data = dict(raw)
+            if "from" in data:
+                data["start"] = data.pop("from")
+            spec = self.checker.dataclass(data, StrengthRange, path)
+            return strength_values({"from": spec.start, "to": spec.to, "steps": spec.steps})
+        values = self.checker.convert(raw, list[float], path)
+        if not values:
+            raise self.checker.fail(path, "expected at least one strength")
+        return strength_values(values)
 
     # -- sweeps -------------------------------------------------------------------------
     def _axes(self, spec: JobSpec, uses: dict, models: dict) -> list[Axis]:

@@ -102,11 +102,16 @@ def slug(text: str, limit: int = 60) -> str:
 class Plan:
     """Items in a fixed order: the first axis varies slowest, the last fastest."""
 
-    def __init__(self, base, axes: list[Axis], models: dict, conditioners=(), postprocess=(), timeline=None):
+    def __init__(self, base, axes: list[Axis], models: dict, conditioners=(), postprocess=(), timeline=None,
+                 edit=None):
         self.base = base
         self.timeline = timeline  # an animation.Timeline: frames become the last (fastest) axis
+        self.edit = edit  # an editing.EditPlan: source, direction and strength become axes
         if timeline is not None:
             axes = list(axes) + [Axis(("frame",), (range(timeline.frames),))]
+        if edit is not None:
+            axes = list(axes) + [Axis(("source",), (list(edit.sources),)), Axis(("direction",), (list(edit.directions),)),
+                                 Axis(("strength",), (edit.strengths,))]
         self.axes = list(axes)
         self.models = models
         self.conditioners = tuple(conditioners)
@@ -150,6 +155,11 @@ class Plan:
             values = {**values, **frame["fields"]}
             values["prompt"] = (frame["fields"]["prompt"], frame["fields"]["prompt"])
             extra["animation"] = frame["animation"]
+        if self.edit is not None:
+            edit = self.edit.fields(values["source"], values["direction"], values["strength"])
+            values = {**values, **edit["fields"]}
+            values["prompt"] = (edit["fields"]["prompt"], edit["fields"]["prompt"])
+            extra["edit"] = edit["edit"]
         base = self.base
         model = values.get("model", base.model)
         defaults = dict(FALLBACK_DEFAULTS)

@@ -30,6 +30,7 @@ KINDS = {
     "model_loader": "register_model_loaders",
     "conditioner": "register_conditioners",
     "sampler": "register_samplers",
+    "direction": "register_directions",
     "postprocessor": "register_postprocessors",
     "writer": "register_writers",
 }

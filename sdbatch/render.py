@@ -28,7 +28,11 @@ class Conditioning:
     negative_prompt_embeds: torch.Tensor | None = None
     latents: list = field(default_factory=list)  # per item: initial latents, or None for seeded noise
     unet_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the denoiser
+    latent_edits: dict = field(default_factory=dict)  # row -> (step index, delta added to its latents there)
+    noise_terms: list = field(default_factory=list)  # callables adding guidance after CFG (e.g. SEGA)
     extra: dict = field(default_factory=dict)  # anything conditioners share with each other
+    outputs: list = field(default_factory=list)  # per item: dict of extra results for writers (directions)
+    registry: Any = None  # the plugin registry, for conditioners that use other plugins (samplers, finders)
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Rendered:
     image: Any  # PIL.Image
     model_hash: str
     seconds: float = 0.0
+    outputs: dict = field(default_factory=dict)  # extra results conditioners attached (e.g. directions)
 
 
 class Renderer:
@@ -84,9 +89,9 @@ class Renderer:
         images = self._decode(model, latents)
         # 7. post-process: to PIL, then each item's post-processors in job order
         results = []
-        for item, image in zip(items, images):
+        for row, (item, image) in enumerate(zip(items, images)):
             pil = self._postprocess(item, _to_pil(image))
-            results.append(Rendered(item, pil, model.hash))
+            results.append(Rendered(item, pil, model.hash, outputs=cond.outputs[row]))
         return results
 
     def _pad(self, items: list[Item]) -> list[Item]:
@@ -96,7 +101,7 @@ class Renderer:
         return list(items) + [items[-1]] * (size - len(items))
 
     def _condition(self, items: list[Item], model: Model) -> Conditioning:
-        cond = Conditioning(latents=[None] * len(items))
+        cond = Conditioning(latents=[None] * len(items), outputs=[{} for _ in items], registry=self.registry)
         for position, use in enumerate(items[0].conditioners):
             entry = self.registry.require("conditioner", use.name)
             conditioner = entry.obj
@@ -126,7 +131,10 @@ class Renderer:
         step_kwargs = _step_kwargs(scheduler, generators)
         _seed_noise_sampler(scheduler, items)
         with _row_independent_kernels(model):
-            for t in scheduler.timesteps:
+            for step, t in enumerate(scheduler.timesteps):
+                for row, (at_step, delta) in cond.latent_edits.items():
+                    if at_step == step:  # an edit moves this row's x_t, then sampling goes on from there
+                        latents[row] = latents[row] + delta.to(latents.device, latents.dtype)
                 model_input = torch.cat([latents, latents]) if any_cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 noise = model.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False,
@@ -135,6 +143,8 @@ class Renderer:
                     uncond, text = noise.chunk(2)
                     # Items with guidance <= 1 take the conditional prediction, as they would alone.
                     noise = torch.where(use_cfg, uncond + guidance * (text - uncond), text)
+                    for term in cond.noise_terms:  # term(step, t, scaled latents, uncond, text) -> addition
+                        noise = noise + term(step, t, model_input[: len(latents)], uncond, text)
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         return latents
 

@@ -1,0 +1,158 @@
+"""Semantic editing: the edit conditioner, labelled strips per direction, saved directions.
+
+The edit conditioner finds each item's direction (once per source and direction entry,
+cached per worker) and applies it with the item's strength in the direction's space.
+Strength 0 applies nothing, so it reproduces the unedited image bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from sdbatch import hookimpl
+from sdbatch.api import Conditioner, Writer
+
+from .text import clip_skip_of, encode_prompt
+from .xyz_grid import GridOptions, XYZGrid
+
+
+class EditConditioner(Conditioner):
+    """Moves an item along its direction: text embeddings, x_t at a timestep, or SEGA guidance."""
+
+    name = "edit"
+    description = "applies edit directions with each item's strength"
+
+    def condition(self, items, options, model, state) -> None:
+        from sdbatch.editing import EditSource, edit_step
+
+        sega_rows = []
+        for row, item in enumerate(items):
+            edit = item.extra.get("edit")
+            if edit is None:
+                continue
+            source_latents = self.source_latents(model, item, edit["source"])
+            if edit["source"].get("image"):
+                state.latents[row] = source_latents
+            source = EditSource(model, item, edit["source"], source_latents)
+            direction = self.direction(state.registry, model, item, edit, source)
+            state.outputs[row]["direction"] = direction
+            strength = edit["strength"]
+            if strength == 0:
+                continue
+            if direction.space == "text":
+                state.prompt_embeds[row] = state.prompt_embeds[row] + strength * direction.tensor.to(
+                    state.prompt_embeds.device, state.prompt_embeds.dtype)
+            elif direction.space == "latent":
+                step = edit_step(self.timesteps(state.registry, model, item), direction.meta["timestep"])
+                state.latent_edits[row] = (step, strength * direction.tensor)
+            elif direction.space == "guidance":
+                sega_rows.append((row, strength, direction))
+            else:
+                raise ValueError(f"direction {direction.name!r} has unknown space {direction.space!r}")
+        if sega_rows:
+            state.noise_terms.append(self.sega_term(model, items, sega_rows))
+
+    def source_latents(self, model, item, source: dict):
+        """x_T of a source: its seed's noise, or its image DDIM-inverted with its prompt."""
+        from sdbatch.inversion import invert_image_file
+        from sdbatch.latents import initial_noise
+
+        factor = model.vae_scale_factor
+        if not source.get("image"):
+            return initial_noise(source["seed"], (model.latent_channels, item.height // factor, item.width // factor))
+        embeds = encode_prompt(model, source["prompt"], clip_skip_of(item))
+        return invert_image_file(model, source["image"], source["image_sha256"], source["prompt"], embeds,
+                                 item.steps, item.width, item.height)
+
+    def direction(self, registry, model, item, edit: dict, source):
+        """The item's direction, found once per (source, direction entry, steps, size) per model."""
+        spec = edit["direction"]
+        key = json.dumps([edit["source"], spec["kind"], spec["options"], item.steps, item.width, item.height,
+                          item.guidance], sort_keys=True)
+        cache = model.extra.setdefault("edit_directions", {})
+        if key not in cache:
+            finder = registry.require("direction", spec["kind"]).obj
+            cache[key] = finder.find(model, source, finder.parse_options(spec["options"]))
+        return cache[key][spec["index"]]
+
+    def timesteps(self, registry, model, item):
+        """The item's sampling timesteps, to find the step where a latent edit applies."""
+        scheduler = registry.require("sampler", item.sampler).obj.create(model.scheduler_config)
+        scheduler.set_timesteps(item.steps)
+        return scheduler.timesteps
+
+    def sega_term(self, model, items, rows):
+        """Semantic guidance: strength x (eps(edit) - eps(uncond)), masked to its top quantile, after warm-up."""
+        import torch
+
+        def term(step, t, latents, uncond, text):
+            addition = torch.zeros_like(uncond)
+            for row, strength, direction in rows:
+                if step < direction.meta["warmup"] * items[row].steps:
+                    continue
+                embeds = direction.tensor.to(latents.device, latents.dtype)[None]
+                edit = model.unet(latents[row:row + 1], t, encoder_hidden_states=embeds, return_dict=False)[0][0]
+                guide = edit - uncond[row]
+                cutoff = torch.quantile(guide.abs().flatten().float(), direction.meta["threshold"])
+                addition[row] = strength * torch.where(guide.abs() >= cutoff, guide, torch.zeros_like(guide))
+            return addition
+
+        return term
+
+
+@dataclass
+class StripOptions(GridOptions):
+    x: str = "strength"
+    z: str | None = "direction"
+    path: str = field(default="strips/{job}-{name}.png", metadata={"help": "fields: {job}, {name}"})
+    scale: int = field(default=2, metadata={"min": 1, "max": 16})
+
+
+class Strip(XYZGrid):
+    """A labelled strip of strengths for each (source, direction) of an edit job."""
+
+    name = "strip"
+    description = "one labelled strength strip per source and direction"
+    Options = StripOptions
+
+
+@dataclass
+class DirectionsOptions:
+    path: str = field(default="directions/{name}.safetensors", metadata={"help": "fields: {name}"})
+
+
+class DirectionsWriter(Writer):
+    """Saves every direction an edit found (safetensors + metadata) for reuse with kind: file."""
+
+    name = "directions"
+    description = "edit directions as safetensors, reusable on other sources"
+    Options = DirectionsOptions
+
+    def write(self, result) -> list:
+        from sdbatch.editing import save_direction
+        from sdbatch.plan import slug
+
+        direction = result.outputs.get("direction")
+        edit = result.item.extra.get("edit")
+        if direction is None or edit is None or direction.tensor is None:
+            return []
+        name = f"{slug(result.item.axes.get('source', 'source'), 40)}--{slug(direction.name, 60)}"
+        relpath = self.options.path.format(name=name)
+        if relpath in self.context.out.run_files:
+            return []
+        self.context.out.write_run_file_via(relpath, lambda temp: save_direction(direction, temp), self.name)
+        return []
+
+
+@hookimpl(trylast=True)
+def register_conditioners(register):
+    """The edit conditioner (added to edit jobs automatically)."""
+    register(EditConditioner())
+
+
+@hookimpl(trylast=True)
+def register_writers(register):
+    """Edit strips and saved directions."""
+    register(Strip)
+    register(DirectionsWriter)
