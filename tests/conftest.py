@@ -56,3 +56,38 @@ def write_job(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def kill_run_after():
+    """Start `sdbatch run JOB -o OUT` in a subprocess and SIGKILL it once N items are finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def run(job, out, finished: int, timeout: float = 120.0) -> int:
+        process = subprocess.Popen([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(out), "-q"],
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        manifest, deadline = Path(out) / "manifest.jsonl", time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            if manifest.is_file() and len(manifest.read_text().splitlines()) >= finished:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the run finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return sum(1 for line in manifest.read_text().splitlines() if _complete_json(line))
+
+    return run
+
+
+def _complete_json(line: str) -> bool:
+    import json
+
+    try:
+        json.loads(line)
+    except ValueError:
+        return False  # a line the kill cut short: its item is not finished
+    return True

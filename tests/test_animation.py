@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -170,7 +167,8 @@ def _frames(out):
 
 
 @pytest.mark.slow
-def test_video_decodes_and_a_killed_animation_resumes_to_the_same_frames(write_job, tiny_model, tmp_path):
+def test_video_decodes_and_a_killed_animation_resumes_to_the_same_frames(write_job, tiny_model, tmp_path,
+                                                                         kill_run_after):
     import imageio_ffmpeg
 
     job = _animation_job(write_job, tiny_model)
@@ -186,17 +184,7 @@ def test_video_decodes_and_a_killed_animation_resumes_to_the_same_frames(write_j
     assert smooth["frames"] == 9 and len(smooth["steps"]) == 8 and smooth["mean"] > 0
     assert json.loads((clean / "videos" / "job.smoothness.json").read_text())["mean"] == smooth["mean"]
 
-    process = subprocess.Popen([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(killed), "-q"],
-                               env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest, deadline = killed / "manifest.jsonl", time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if manifest.is_file() and len(manifest.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert 3 <= kill_run_after(job, killed, finished=3) < 9
     assert not (killed / "videos" / "job.mp4").exists()  # never a partial video under the final name
     result = _run(job, killed)
     assert result.returncode == 0, result.stderr

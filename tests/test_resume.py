@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +32,7 @@ def _manifest_ids(out: Path) -> list[str]:
     return [json.loads(line)["id"] for line in lines if line.strip()]
 
 
-def test_kill_9_then_resume_matches_an_uninterrupted_run(write_job, tiny_model, tmp_path):
+def test_kill_9_then_resume_matches_an_uninterrupted_run(write_job, tiny_model, tmp_path, kill_run_after):
     job = write_job(f"""
         model: {tiny_model}
         prompt: "a {{red|blue}} circle"
@@ -48,19 +45,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(write_job, tiny_model, 
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert _run(job, clean).returncode == 0
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(killed), "-q"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = killed / "manifest.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if manifest.is_file() and len(manifest.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    finished_before = len(_manifest_ids(killed))
+    finished_before = kill_run_after(job, killed, finished=2)
     assert 2 <= finished_before < ITEMS
 
     resumed = _run(job, killed)
