@@ -159,7 +159,7 @@ def axis_labels(name: str, values: list) -> list[str]:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    return textwrap.wrap(text, width, break_long_words=False) or [""]
+    return textwrap.wrap(text, width) or [""]  # long words break: a label never spills into the next
 
 
 def _short(value) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 
@@ -27,6 +28,7 @@ class Progress:
         self._last_line = self.start
         self._bar = None
         self._first: tuple[float, int] | None = None
+        self._lock = threading.Lock()
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
@@ -34,6 +36,10 @@ class Progress:
                              smoothing=0.1)
 
     def update(self, count: int = 1) -> None:
+        with self._lock:  # the render loop and the writer thread both report
+            self._update(count)
+
+    def _update(self, count: int) -> None:
         if self._first is None:
             # Rates count from the first finished item: start-up and model loading are not throughput.
             self._first = (time.monotonic(), self.done)

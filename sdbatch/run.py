@@ -120,9 +120,15 @@ class LocalExecutor:
             results = renderer.render(batch)
         except (KeyboardInterrupt, SdbatchError):
             raise
-        except Exception as exc:  # one bad batch must not stop a long run
-            summary.failed += len(batch)
+        except Exception as exc:  # one bad item must not stop a long run
+            if len(batch) > 1:
+                # Pixels never depend on batch composition, so render the items alone to find the bad ones.
+                for item in batch:
+                    self._render(renderer, [item], sink, summary)
+                return
+            summary.failed += 1
             _record_failures(self.context.out.root, batch, exc)
+            sink.progress.update(1)
             return
         seconds = (time.monotonic() - began) / len(batch)
         summary.render_seconds += time.monotonic() - began
@@ -216,6 +222,7 @@ class _WriterThread:
         except PluginCallError as exc:  # this item fails; the run goes on
             self.summary.failed += 1
             _record_failures(self.out.root, [item], exc)
+            self.progress.update(1)
             return
         record = item.to_json()
         record["model_hash"] = result.model_hash
