@@ -246,5 +246,10 @@ class Writer(Plugin):
     def write(self, result) -> list[str]:
         return []
 
+    def covers(self, item) -> bool:
+        """True when this writer stored ``item`` durably by its own record (e.g. a finished shard),
+        so a resumed run need not render it for this writer even without a manifest entry."""
+        return False
+
     def finish(self, entries) -> list[str]:
         return []

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=cmd_run)
 
+    p = sub.add_parser("status", help="progress of a run from its output folder: items, shards, failures, speed")
+    p.add_argument("output", metavar="OUT_DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
     p = sub.add_parser("plugins", help="list every plugin and what it registers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_plugins)
@@ -130,6 +135,26 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
     return 1 if summary.failed else 0
+
+
+def cmd_status(args) -> int:
+    from .run import run_status
+
+    status = run_status(args.output, _registry())
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    total, done = status["total"], status["done"]
+    print(f"{args.output}: job {status['job']}")
+    print(f"  items:  {done}/{total} done ({100.0 * done / total if total else 100:.1f}%), {status['failed']} failed")
+    dataset = status["notes"].get("dataset")
+    if dataset:
+        print(f"  shards: {dataset['shards_done']}/{dataset['shards_total']} done in {dataset['url']}")
+    last = status["last_run"]
+    if last:
+        print(f"  last run: {last.get('rendered', 0)} rendered in {last.get('seconds', 0):.1f}s "
+              f"({last.get('images_per_second', 0):.2f} images/s), {last.get('failed', 0)} failed")
+    return 0
 
 
 def cmd_plugins(args) -> int:

@@ -10,6 +10,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .api import Writer
 from .errors import SdbatchError
 from .output import Entry, OutputDir, atomic_write
 from .plugins import PluginCallError, plugin_errors
@@ -86,18 +87,19 @@ class LocalExecutor:
         started = time.monotonic()
         total = len(job.plan) if self.limit is None else min(self.limit, len(job.plan))
         summary = Summary(total=total)
-        required = [use.name for _cls, _options, use in job.writers]
-        summary.already_done = sum(1 for i in job.plan.items(0, total) if out.is_done(i.id, required)) if out.entries else 0
+        writers = make_writers(job, self.context)
+        finished = _finished_check(writers, out)
+        if out.entries or any(type(w).covers is not Writer.covers for w in writers):  # a fresh run skips the scan
+            summary.already_done = sum(1 for i in job.plan.items(0, total) if finished(i))
         if Path(job.filename).is_file():  # keep the job beside its outputs
             atomic_write(out.root / "job.yaml", Path(job.filename).read_bytes())
-        writers = make_writers(job, self.context)
         renderer = Renderer(self.registry, self.device, job.spec.dtype, job.plan.models,
                             pad_batches_to=self.batch_size if _is_gpu(self.device) else None)
         progress = Progress(total, summary.already_done, quiet=self.quiet)
         entries_of = {w.name: self.registry.require("writer", w.name) for w in writers}  # names plugins in errors
-        sink = _WriterThread(writers, out, summary, progress, required, entries_of)
+        sink = _WriterThread(writers, out, summary, progress, finished, entries_of)
         try:
-            for batch in _batches(job.plan.items(0, total), self.batch_size, out, required):
+            for batch in _batches(job.plan.items(0, total), self.batch_size, finished):
                 sink.check()
                 self._render(renderer, batch, sink, summary)
         finally:
@@ -147,12 +149,22 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _batches(items, batch_size: int, out: OutputDir, writers: list):
+def _finished_check(writers: list, out: OutputDir):
+    """item -> finished: every writer has stored it (in the manifest, or by its own record, e.g. a shard)."""
+
+    def finished(item) -> bool:
+        needed = [writer.name for writer in writers if not writer.covers(item)]
+        return not needed or out.is_done(item.id, needed)
+
+    return finished
+
+
+def _batches(items, batch_size: int, finished):
     """Groups of up to batch_size unfinished items sharing a batch key; ids seen twice render once."""
     pending: dict[tuple, list] = {}
     seen: set[str] = set()
     for item in items:
-        if out.is_done(item.id, writers) or item.id in seen:
+        if item.id in seen or finished(item):
             continue
         seen.add(item.id)
         group = pending.setdefault(item.batch_key(), [])
@@ -176,10 +188,11 @@ def _record_failures(root: Path, batch, exc: Exception) -> None:
 class _WriterThread:
     """Runs writers off the render loop; re-raises their errors in the main thread."""
 
-    def __init__(self, writers, out: OutputDir, summary: Summary, progress: Progress, names: list,
+    def __init__(self, writers, out: OutputDir, summary: Summary, progress: Progress, finished,
                  entries: dict):
         self.writers, self.out, self.summary, self.progress = writers, out, summary, progress
-        self.names = names
+        self.finished = finished
+        self.names = [writer.name for writer in writers]
         self.entries = entries  # writer name -> registry Entry
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
@@ -212,7 +225,7 @@ class _WriterThread:
 
     def _write(self, result) -> None:
         item = result.item
-        if self.out.is_done(item.id, self.names):
+        if self.finished(item):
             return
         files = []
         try:
@@ -229,3 +242,25 @@ class _WriterThread:
         self.out.record(Entry(item.id, item.index, files, record, result.seconds, writers=list(self.names)))
         self.summary.rendered += 1
         self.progress.update(1)
+
+
+def run_status(out_dir, registry) -> dict:
+    """Progress of a run from its output folder alone: items done and failed, shards, last speed."""
+    out_dir = Path(out_dir)
+    job_file = out_dir / "job.yaml"
+    if not job_file.is_file():
+        raise SdbatchError(f"{out_dir} has no job.yaml: not an sdbatch output folder (or nothing ran yet)")
+    from .job import load_job
+
+    job = load_job(job_file, registry)
+    context = run_context(job, out_dir)
+    finished = _finished_check(make_writers(job, context), context.out)
+    total = len(job.plan)
+    done = sum(1 for item in job.plan if finished(item))
+    failures = out_dir / FAILURES
+    failed_ids = {json.loads(line)["id"] for line in failures.read_text().splitlines() if line.strip()} \
+        if failures.is_file() else set()
+    summary = json.loads((out_dir / SUMMARY).read_text()) if (out_dir / SUMMARY).is_file() else {}
+    return {"job": job.spec.name or job_file.stem, "total": total, "done": done,
+            "failed": len(failed_ids - {i.id for i in job.plan if finished(i)}) if failed_ids else 0,
+            "notes": context.notes or summary.get("notes", {}), "last_run": summary}

@@ -48,8 +48,8 @@ class Config:
     vae_crop: int = 32  # the VAE is fully convolutional: 32x32 crops teach it 4x faster
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5
-    unet_steps: int = 3000
-    decoder_steps: int = 1000  # stage 3: decoder-only fine-tune on full images
+    unet_steps: int = 2500
+    decoder_steps: int = 800  # stage 3: decoder-only fine-tune on full images
     decoder_batch: int = 16
     decoder_lr: float = 3e-4
     unet_batch: int = 64
