@@ -6,14 +6,14 @@
 #                       find-links has one, else PyTorch's CPU index
 #   SDBATCH_TORCH=cuda  the default (CUDA) build from PyPI, for GPU machines
 #   SDBATCH_TORCH=skip  keep whatever torch the environment already has
-# Extras: SDBATCH_EXTRAS="test,dataset" (default) or e.g. "test,dataset,ray".
+# Extras: SDBATCH_EXTRAS="test,dataset,ray" (default); "test" alone for a lighter install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${SDBATCH_VENV:-.venv}
 TORCH_VERSION=2.13.0
-EXTRAS=${SDBATCH_EXTRAS:-test,dataset}
+EXTRAS=${SDBATCH_EXTRAS:-test,dataset,ray}
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"

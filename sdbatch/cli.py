@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="override the job's device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--limit", type=int, default=None, help="render only the first N items of the plan")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: in this process (default); ray: actors on a Ray cluster")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local one")
+    p.add_argument("--workers", type=int, default=None, help="Ray render actors (default: one per GPU, else per CPU)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("status", help="progress of a run from its output folder: items, shards, failures, speed")
@@ -124,8 +128,13 @@ def cmd_run(args) -> int:
 
     registry = _registry()
     job = load_job(args.job, registry)
-    executor = LocalExecutor(job, registry, args.output, batch_size=args.batch_size, device=args.device,
-                             quiet=args.quiet, limit=args.limit)
+    options = dict(batch_size=args.batch_size, device=args.device, quiet=args.quiet, limit=args.limit)
+    if args.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        executor = RayExecutor(job, registry, args.output, workers=args.workers, address=args.address, **options)
+    else:
+        executor = LocalExecutor(job, registry, args.output, **options)
     summary = executor.run()
     if not args.quiet:
         print(

@@ -79,10 +79,9 @@ class LocalExecutor:
         self.device = device or job.spec.device
         self.quiet = quiet
         self.limit = limit
+        self.model_loads = 0
 
     def run(self) -> Summary:
-        from .render import Renderer
-
         job, out = self.job, self.context.out
         started = time.monotonic()
         total = len(job.plan) if self.limit is None else min(self.limit, len(job.plan))
@@ -93,15 +92,11 @@ class LocalExecutor:
             summary.already_done = sum(1 for i in job.plan.items(0, total) if finished(i))
         if Path(job.filename).is_file():  # keep the job beside its outputs
             atomic_write(out.root / "job.yaml", Path(job.filename).read_bytes())
-        renderer = Renderer(self.registry, self.device, job.spec.dtype, job.plan.models,
-                            pad_batches_to=self.batch_size if _is_gpu(self.device) else None)
         progress = Progress(total, summary.already_done, quiet=self.quiet)
         entries_of = {w.name: self.registry.require("writer", w.name) for w in writers}  # names plugins in errors
         sink = _WriterThread(writers, out, summary, progress, finished, entries_of)
         try:
-            for batch in _batches(job.plan.items(0, total), self.batch_size, finished):
-                sink.check()
-                self._render(renderer, batch, sink, summary)
+            self._render_batches(_batches(job.plan.items(0, total), self.batch_size, finished), sink, summary)
         finally:
             sink.close()
             progress.close()
@@ -111,10 +106,21 @@ class LocalExecutor:
             with plugin_errors(entries_of[writer.name], fatal=True):
                 summary.run_files += writer.finish(entries)
         summary.seconds = time.monotonic() - started
-        summary.model_loads = renderer.cache.loads
+        summary.model_loads = self.model_loads
         summary.notes = self.context.notes
         atomic_write(out.root / SUMMARY, json.dumps(summary.to_json(), indent=2).encode())
         return summary
+
+    def _render_batches(self, batches, sink, summary) -> None:
+        """Render in this process: one Renderer, so the model loads once."""
+        from .render import Renderer
+
+        renderer = Renderer(self.registry, self.device, self.job.spec.dtype, self.job.plan.models,
+                            pad_batches_to=self.batch_size if _is_gpu(self.device) else None)
+        for batch in batches:
+            sink.check()
+            self._render(renderer, batch, sink, summary)
+        self.model_loads = renderer.cache.loads
 
     def _render(self, renderer, batch, sink, summary) -> None:
         began = time.monotonic()
