@@ -36,5 +36,11 @@ case "${SDBATCH_TORCH:-cpu}" in
 esac
 
 # Editable install: torch is already satisfied, so pip leaves it alone.
-"${PIP[@]}" install -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+log=$(mktemp)
+if ! "${PIP[@]}" install -e ".[$EXTRAS]" >"$log" 2>&1; then
+  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2
+  echo "setup: pip install failed" >&2
+  exit 1
+fi
+rm -f "$log"
 "$VENV/bin/python" -c "import sdbatch, torch; print(f'sdbatch {sdbatch.__version__} with torch {torch.__version__} in $VENV')"

@@ -84,6 +84,7 @@ class JobSpec:
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     batch_size: int = field(default=1, metadata=_m(min=1, max=1024))
+    retries: int = field(default=1, metadata=_m(min=0, max=10, help="times a failing item is tried again"))
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = field(default=0, metadata=_m(min=0, max=MAX_SEED))
@@ -93,6 +94,8 @@ class JobSpec:
     width: int | None = field(default=None, metadata=_m(min=8, max=8192, multiple_of=8))
     height: int | None = field(default=None, metadata=_m(min=8, max=8192, multiple_of=8))
     wildcards: str | None = field(default=None, metadata=_m(folder=True))
+    prompt_sampling: Literal["all", "random"] = field(
+        default="all", metadata=_m(help="all: every template variant is an item; random: one per item, from its seed"))
     sweep: dict[str, Any] = field(default_factory=dict)
     zip: list[list[str]] = field(default_factory=list)
     animation: AnimationSpec | None = None
@@ -453,7 +456,15 @@ class _Validator:
         prompt_values = values.get("prompt", [spec.prompt])
         prompt_path = ("sweep", "prompt") if "prompt" in values else ("prompt",)
         try:
-            expanded = expand_prompts(prompt_values, spec.wildcards)
+            if spec.prompt_sampling == "random":  # one variant per item, drawn in the plan from its seed
+                from .plan import PromptSampler
+
+                sampler = PromptSampler(spec.wildcards)
+                for template in prompt_values:
+                    sampler.sample(template, 0)  # parses now: a bad template fails validation, not the run
+                expanded = [(t, t) for t in prompt_values]
+            else:
+                expanded = expand_prompts(prompt_values, spec.wildcards)
         except PromptError as exc:
             self.fail(prompt_path + ((exc.index,) if "prompt" in values else ()), str(exc))
             expanded = [(p, p) for p in prompt_values]

@@ -88,6 +88,49 @@ def expand_prompts(templates: list[str], wildcards: str | None) -> list[tuple[st
     return pairs
 
 
+class PromptSampler:
+    """One random variant of a template per item, reproducible from the item's seed (dynamicprompts)."""
+
+    def __init__(self, wildcards: str | None):
+        self.wildcards = wildcards
+        self._parsed: dict = {}
+        self._manager = None
+
+    def sample(self, template: str, seed: int) -> str:
+        if not _has_syntax(template):
+            return template
+        import random
+
+        from dynamicprompts.enums import SamplingMethod
+        from dynamicprompts.sampling_context import SamplingContext
+
+        command = self._parse(template)
+        context = SamplingContext(default_sampling_method=SamplingMethod.RANDOM, wildcard_manager=self._wildcards(),
+                                  rand=random.Random(f"{template}\0{seed}"))  # str seeds hash stably
+        prompt = str(next(iter(context.sample_prompts(command, 1))))
+        missing = re.findall(r"__([\w/*-]+)__", prompt)
+        if missing:
+            raise PromptError(f"wildcard '{missing[0]}' not found" + (f" in {self.wildcards}" if self.wildcards else ""))
+        return prompt
+
+    def _parse(self, template: str):
+        if template not in self._parsed:
+            from dynamicprompts.parser.parse import parse
+
+            try:
+                self._parsed[template] = parse(template)
+            except Exception as exc:  # pyparsing raises several types
+                raise PromptError(f"bad prompt template {template!r}: {exc}") from None
+        return self._parsed[template]
+
+    def _wildcards(self):
+        if self._manager is None:
+            from dynamicprompts.wildcards import WildcardManager
+
+            self._manager = WildcardManager(self.wildcards)
+        return self._manager
+
+
 def _has_syntax(text: str) -> bool:
     return "{" in text or "__" in text
 
@@ -107,6 +150,7 @@ class Plan:
         self.base = base
         self.timeline = timeline  # an animation.Timeline: frames become the last (fastest) axis
         self.edit = edit  # an editing.EditPlan: source, direction and strength become axes
+        self._sampler = PromptSampler(getattr(base, "wildcards", None))
         if timeline is not None:
             axes = list(axes) + [Axis(("frame",), (range(timeline.frames),))]
         if edit is not None:
@@ -167,6 +211,8 @@ class Plan:
         if info is not None:
             defaults.update(info.defaults)
         template, prompt = values.get("prompt", (base.prompt, base.prompt))
+        if base.prompt_sampling == "random" and "frame" not in values and "edit" not in extra:
+            prompt = self._sampler.sample(template, values.get("seed", base.seed))
         fields: dict[str, Any] = {
             "model": model,
             "prompt": prompt,

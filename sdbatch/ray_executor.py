@@ -20,18 +20,21 @@ IN_FLIGHT_PER_WORKER = 2
 class RenderActor:
     """Holds a Renderer (and so the loaded model) for the life of the actor process."""
 
-    def __init__(self, models: dict, device: str, dtype: str, pad_batches_to: int | None):
+    def __init__(self, models: dict, device: str, dtype: str, pad_batches_to: int | None, retries: int = 1):
         from .plugins import load_registry
         from .render import Renderer
 
         self.renderer = Renderer(load_registry(), device, dtype, models, pad_batches_to=pad_batches_to)
+        self.retries = retries
 
-    def render(self, batch: list) -> tuple[list, list]:
+    def render(self, batch: list, attempt: int = 0) -> tuple[list, list]:
         """(results, failures): a failing batch is retried item by item so only bad items fail."""
         try:
             return self._render(batch), []
         except Exception as exc:  # noqa: BLE001 - reported per item to the driver
             if len(batch) == 1:
+                if attempt < self.retries:
+                    return self.render(batch, attempt + 1)
                 return [], [(batch[0], f"{type(exc).__name__}: {exc}")]
         results, failures = [], []
         for item in batch:
@@ -80,7 +83,7 @@ class RayExecutor(LocalExecutor):
                                  max_task_retries=-1)(RenderActor)
         device = self.device if self.device != "auto" else ("cuda" if gpus else "cpu")
         pad = self.batch_size if device.startswith("cuda") else None
-        self.actors = [actor_class.remote(self.job.plan.models, device, self.job.spec.dtype, pad)
+        self.actors = [actor_class.remote(self.job.plan.models, device, self.job.spec.dtype, pad, self.job.spec.retries)
                        for _ in range(workers)]
         return ActorPool(self.actors)
 

@@ -122,7 +122,7 @@ class LocalExecutor:
             self._render(renderer, batch, sink, summary)
         self.model_loads = renderer.cache.loads
 
-    def _render(self, renderer, batch, sink, summary) -> None:
+    def _render(self, renderer, batch, sink, summary, attempt: int = 0) -> None:
         began = time.monotonic()
         try:
             results = renderer.render(batch)
@@ -133,6 +133,9 @@ class LocalExecutor:
                 # Pixels never depend on batch composition, so render the items alone to find the bad ones.
                 for item in batch:
                     self._render(renderer, [item], sink, summary)
+                return
+            if attempt < self.job.spec.retries:  # transient trouble (memory, I/O) gets another go
+                self._render(renderer, batch, sink, summary, attempt + 1)
                 return
             summary.failed += 1
             _record_failures(self.context.out.root, batch, exc)
