@@ -169,13 +169,15 @@ def _finished_check(writers: list, out: OutputDir):
 
 
 def _batches(items, batch_size: int, finished):
-    """Groups of up to batch_size unfinished items sharing a batch key; ids seen twice render once."""
+    """Groups of up to batch_size unfinished items sharing a batch key, streamed from the plan.
+
+    Nothing per item is kept here, so the driver's memory stays flat however long the plan;
+    an id planned twice may render twice, and the writer stores it once.
+    """
     pending: dict[tuple, list] = {}
-    seen: set[str] = set()
     for item in items:
-        if item.id in seen or finished(item):
+        if finished(item):
             continue
-        seen.add(item.id)
         group = pending.setdefault(item.batch_key(), [])
         group.append(item)
         if len(group) >= batch_size:

@@ -1,0 +1,87 @@
+"""Images/s of the local executor, Ray with 1 and 2 workers, and a plain diffusers loop; driver memory.
+
+    .venv/bin/python bench/bench_ray.py [--model sdbatch-tiny] [--items 64] [--steps 20]
+
+All runs render the same items into WebDataset shards (the plain loop saves PNGs), in one
+process after another, model loading included. Ratios are against the plain loop, and
+Ray's scaling efficiency is (2-worker rate) / (2 x 1-worker rate). The last line streams a
+1,000,000-item plan through the driver's batching (no rendering) in a fresh process and
+reports its peak memory against a process that only imports sdbatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_run import plain_loop  # noqa: E402
+
+STREAM = r"""
+import json, resource, sys
+from sdbatch.job import load_job
+from sdbatch.plugins import load_registry
+from sdbatch.run import _batches
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+plan = load_job(sys.argv[1], load_registry()).plan
+batches = sum(1 for _ in _batches(plan.items(), 8, lambda item: False)) if sys.argv[2] == "stream" else 0
+print(json.dumps({"batches": batches, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def timed_run(job: Path, out: Path, *extra: str) -> float:
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(out), "-q", *extra], check=True)
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sdbatch-tiny")
+    parser.add_argument("--items", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sdbatch-bench-ray-"))
+    job = work / "set.yaml"
+    job.write_text(f"model: {args.model}\nsteps: {args.steps}\nbatch_size: 4\nsampler: Euler a\nguidance: 7.5\n"
+                   "prompt_sampling: random\n"
+                   'prompt: "a {small|large} {red|blue|green} {circle|square|triangle}, on a {white|black} background"\n'
+                   f"sweep: {{seed: {{start: 0, count: {args.items}}}}}\n"
+                   "outputs: [{webdataset: {shard_size: 16}}]\n")
+    from sdbatch.job import load_job
+    from sdbatch.plugins import load_registry
+
+    plan = load_job(job, load_registry()).plan
+    (work / "plain").mkdir()
+    rates = {"plain diffusers loop": args.items / plain_loop(plan.models[args.model].location, list(plan),
+                                                               work / "plain")}
+    rates["sdbatch local"] = args.items / timed_run(job, work / "local")
+    for workers in (1, 2):
+        rates[f"sdbatch ray x{workers}"] = args.items / timed_run(job, work / f"ray{workers}", "--executor", "ray",
+                                                                  "--workers", str(workers))
+    base = rates["plain diffusers loop"]
+    print(f"{args.items} items, {args.steps} steps, batch 4, model {args.model}; whole commands incl. start-up")
+    for name, rate in rates.items():
+        print(f"{name:22s} {rate:7.2f} images/s  {rate / base:5.2f}x")
+    efficiency = rates["sdbatch ray x2"] / (2 * rates["sdbatch ray x1"])
+    print(f"ray scaling efficiency 1 -> 2 workers: {efficiency:.2f}")
+
+    big = work / "million.yaml"
+    big.write_text(f"model: {args.model}\nprompt_sampling: random\n"
+                   'prompt: "a {small|large} {red|blue|green} {circle|square|triangle}"\n'
+                   "sweep: {seed: {start: 0, count: 1000000}}\n")
+    idle = json.loads(subprocess.run([sys.executable, "-c", STREAM, str(big), "idle"], capture_output=True,
+                                     text=True, check=True).stdout)
+    streamed = json.loads(subprocess.run([sys.executable, "-c", STREAM, str(big), "stream"], capture_output=True,
+                                         text=True, check=True).stdout)
+    print(f"driver streaming 1,000,000 items into {streamed['batches']:,} batches: peak {streamed['peak_mb']:.0f} MB "
+          f"vs {idle['peak_mb']:.0f} MB planned but not streamed ({streamed['peak_mb'] / idle['peak_mb']:.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
