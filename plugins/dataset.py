@@ -56,6 +56,9 @@ class WebDatasetWriter(Writer):
         size = self.options.shard_size
         return range(shard * size, min((shard + 1) * size, self.total))
 
+    def progress_note(self) -> str:
+        return f"shards {len(self.finished)}/{-(-self.total // self.options.shard_size)}"
+
     def covers(self, item) -> bool:
         return self.shard_of(item.index) in self.finished
 

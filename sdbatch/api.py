@@ -246,6 +246,10 @@ class Writer(Plugin):
     def write(self, result) -> list[str]:
         return []
 
+    def progress_note(self) -> str:
+        """A few words shown beside the progress bar (e.g. "shards 3/40"), or an empty string."""
+        return ""
+
     def covers(self, item) -> bool:
         """True when this writer stored ``item`` durably by its own record (e.g. a finished shard),
         so a resumed run need not render it for this writer even without a manifest entry."""

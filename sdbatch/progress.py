@@ -29,6 +29,7 @@ class Progress:
         self._bar = None
         self._first: tuple[float, int] | None = None
         self._lock = threading.Lock()
+        self._note = ""
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
@@ -49,6 +50,14 @@ class Progress:
         elif not self.quiet and time.monotonic() - self._last_line >= self.interval:
             self._line()
 
+    def note(self, text: str) -> None:
+        """Extra words for the bar and the progress lines (writers' progress, e.g. shards done)."""
+        if text == self._note:
+            return
+        self._note = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+
     @property
     def rate(self) -> float:
         """Items per second since the first item finished."""
@@ -63,8 +72,9 @@ class Progress:
         rate = self.rate
         eta = _duration((self.total - self.done) / rate) if rate > 0 else "?"
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        print(f"sdbatch: {self.done}/{self.total} {self.label} ({percent:.1f}%), {rate:.2f} {self.label}/s, ETA {eta}",
-              file=self.stream, flush=True)
+        note = f", {self._note}" if self._note else ""
+        print(f"sdbatch: {self.done}/{self.total} {self.label} ({percent:.1f}%), {rate:.2f} {self.label}/s, ETA {eta}"
+              f"{note}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -252,6 +252,7 @@ class _WriterThread:
         record["model_hash"] = result.model_hash
         self.out.record(Entry(item.id, item.index, files, record, result.seconds, writers=list(self.names)))
         self.summary.rendered += 1
+        self.progress.note("; ".join(filter(None, (writer.progress_note() for writer in self.writers))))
         self.progress.update(1)
 
 
