@@ -108,11 +108,14 @@ def local_basis(unet, x_t, timestep: int, embeds, count: int, iterations: int, s
     from diffusers.models.attention_processor import AttnProcessor
 
     processors = unet.attn_processors
+    dtype = next(unet.parameters()).dtype
     unet.set_attn_processor(AttnProcessor())  # forward-mode AD needs plain attention, not SDPA
+    unet.float()  # Jacobian products in float32 (fp16 -> fp32 -> fp16 round-trips exactly afterwards)
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            x = x_t.detach().clone().float()
-            context = embeds.detach().clone().float()
+            device = next(unet.parameters()).device
+            x = x_t.detach().clone().float().to(device)
+            context = embeds.detach().clone().float().to(device)
 
             def h(z):
                 return mid_block_features(unet, z, timestep, context)
@@ -125,7 +128,7 @@ def local_basis(unet, x_t, timestep: int, embeds, count: int, iterations: int, s
 
             generator = torch.Generator().manual_seed(int(seed))
             width = min(2 * count, x.numel())
-            basis = torch.linalg.qr(torch.randn(x.numel(), width, generator=generator, dtype=torch.float32))[0]
+            basis = torch.linalg.qr(torch.randn(x.numel(), width, generator=generator)).Q.to(device)
             for _ in range(iterations):
                 pushed = push(basis)
                 pulled = torch.stack([pullback(u.reshape(features.shape))[0].flatten() for u in pushed.T], dim=1)
@@ -133,8 +136,9 @@ def local_basis(unet, x_t, timestep: int, embeds, count: int, iterations: int, s
             _, values, right = torch.linalg.svd(push(basis), full_matrices=False)  # Rayleigh-Ritz
             vectors = basis @ right.T[:, :count]
     finally:
+        unet.to(dtype)
         unet.set_attn_processor(processors)
-    return vectors.detach(), values[:count].detach()
+    return vectors.detach().cpu(), values[:count].detach().cpu()
 
 
 # ---------------------------------------------------------------- semantic guidance
