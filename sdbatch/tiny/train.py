@@ -48,8 +48,14 @@ class Config:
     vae_crop: int = 32  # the VAE is fully convolutional: 32x32 crops teach it 4x faster
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5
-    unet_steps: int = 2500
-    decoder_steps: int = 800  # stage 3: decoder-only fine-tune on full images
+    # Stage 2a predicts epsilon (learns fast), on a cosine laid out over unet_schedule_steps
+    # but stopped at unet_steps; stage 2b switches to v-prediction (as SD 2 did), which keeps
+    # the high-noise steps, where background and layout are decided, tied to the prompt.
+    unet_steps: int = 1800
+    unet_schedule_steps: int = 2500
+    vpred_steps: int = 700
+    vpred_lr: float = 4e-4
+    decoder_steps: int = 500  # stage 3: decoder-only fine-tune on full images
     decoder_batch: int = 16
     decoder_lr: float = 3e-4
     unet_batch: int = 64
@@ -203,11 +209,19 @@ def make_unet():
     )
 
 
-def make_noise_scheduler():
+def make_noise_scheduler(prediction_type: str = "epsilon"):
     """DDPM's linear betas (1e-4..0.02): at 16x16 SD's scaled_linear leaves too much signal at T."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False, steps_offset=1)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -377,37 +391,57 @@ class EMA:
 
 
 def _snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR, g) / SNR."""
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, g)/SNR for eps, /(SNR+1) for v."""
     ac = noise_sched.alphas_cumprod[t]
     snr = ac / (1 - ac)
+    if noise_sched.config.prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr
 
 
-def train_unet(cfg: Config, vae, tok, captions: list[str], images: np.ndarray, ckpt: Path, log: LossLog, preview):
-    """Stage 2: text encoder and UNet together on frozen-VAE latents, with caption dropout."""
+# The two parts of stage 2: (prediction type, checkpoint folder, generator stage id).
+PHASES = {"eps": ("epsilon", "unet_ckpt", 2), "v": ("v_prediction", "unet_v_ckpt", 4)}
+
+
+def train_unet(
+    cfg: Config, vae, tok, captions: list[str], images: np.ndarray, ckpt: Path, log: LossLog, preview, phase: str = "eps"
+):
+    """Stage 2: text encoder and UNet together on frozen-VAE latents, with caption dropout.
+
+    phase "eps" starts from random weights; phase "v" continues from the raw (non-EMA)
+    weights where "eps" stopped, with a fresh optimizer, LR schedule and EMA.
+    """
     from tqdm import tqdm
 
+    prediction, folder_name, stage_id = PHASES[phase]
+    steps, lr = (cfg.unet_steps, cfg.unet_lr) if phase == "eps" else (cfg.vpred_steps, cfg.vpred_lr)
+    schedule = _lr_lambda(cfg.unet_schedule_steps) if phase == "eps" else _lr_lambda(cfg.vpred_steps, warmup=50)
     mean, std, scaling = _cached_latents(vae, images, ckpt)
     vae.register_to_config(scaling_factor=scaling)
     ids = tokenize(tok, captions)
     empty = tokenize(tok, [""])[0]
     torch.manual_seed(cfg.seed + 1)
     text_encoder, unet = make_text_encoder(tok), make_unet()
-    noise_sched = make_noise_scheduler()
+    if phase == "v":
+        states = _ckpt_states(ckpt / PHASES["eps"][1])
+        text_encoder.load_state_dict(states["text_encoder"])
+        unet.load_state_dict(states["unet"])
+    noise_sched = make_noise_scheduler(prediction)
     params = list(text_encoder.parameters()) + list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.unet_steps))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     ema_te, ema_unet = EMA(text_encoder, cfg.ema_decay), EMA(unet, cfg.ema_decay)
     modules = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_te, "ema_unet": ema_unet}
-    folder = ckpt / "unet_ckpt"
+    folder = ckpt / folder_name
     start = _load_ckpt(folder, modules, opt)
     sched.last_epoch = start - 1
     sched.step()
-    elapsed = _stage_seconds(ckpt, "unet")
+    name = "unet" if phase == "eps" else "unet_v"
+    elapsed = _stage_seconds(ckpt, name)
     t0 = time.time()
-    bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps, mininterval=30)
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=30)
     for step in bar:
-        g = _step_generator(cfg.seed, 2, step)
+        g = _step_generator(cfg.seed, stage_id, step)
         idx = torch.randint(0, len(mean), (cfg.unet_batch,), generator=g)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cfg_dropout
@@ -415,7 +449,8 @@ def train_unet(cfg: Config, vae, tok, captions: list[str], images: np.ndarray, c
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
         pred = unet(noise_sched.add_noise(latents, noise, t), t, text_encoder(tokens)[0]).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        target = noise if prediction == "epsilon" else noise_sched.get_velocity(latents, noise, t)
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * _snr_weights(noise_sched, t, cfg.min_snr_gamma)).mean()
         opt.zero_grad()
         loss.backward()
@@ -426,12 +461,12 @@ def train_unet(cfg: Config, vae, tok, captions: list[str], images: np.ndarray, c
         ema_unet.update(unet, step)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if step % 10 == 0:
-            log.write("unet", step, loss.item(), sched.get_last_lr()[0], elapsed + time.time() - t0)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            log.write(name, step, loss.item(), sched.get_last_lr()[0], elapsed + time.time() - t0)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
             _save_ckpt(folder, step + 1, modules, opt)
-            _record_stage(ckpt, "unet", elapsed + time.time() - t0)
+            _record_stage(ckpt, name, elapsed + time.time() - t0)
         if (step + 1) % cfg.preview_every == 0 and preview is not None:
-            preview(step + 1)
+            preview(step + 1, phase)
     return ema_te, ema_unet
 
 
@@ -485,14 +520,14 @@ def train_decoder(cfg: Config, vae, images: np.ndarray, ckpt: Path, log: LossLog
 # ---------------------------------------------------------------- export
 
 
-def inference_scheduler():
-    """DPM++ 2M (DPMSolverMultistep) on the training betas: good pictures in 20 steps."""
+def inference_scheduler(prediction_type: str = "v_prediction"):
+    """DPM++ 2M (DPMSolverMultistep) on the training betas and prediction type."""
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler.from_config(make_noise_scheduler().config)
+    return DPMSolverMultistepScheduler.from_config(make_noise_scheduler(prediction_type).config)
 
 
-def export(out: Path, vae, tok, te_state: dict, unet_state: dict, fp16: bool) -> None:
+def export(out: Path, vae, tok, te_state: dict, unet_state: dict, fp16: bool, prediction_type: str = "v_prediction") -> None:
     """Write the standard diffusers Stable Diffusion folder (safetensors, no safety checker)."""
     from diffusers import StableDiffusionPipeline
 
@@ -504,7 +539,7 @@ def export(out: Path, vae, tok, te_state: dict, unet_state: dict, fp16: bool) ->
         text_encoder=text_encoder,
         tokenizer=tok,
         unet=unet,
-        scheduler=inference_scheduler(),
+        scheduler=inference_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -607,17 +642,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_only:
         cfg.vae_steps = _ckpt_step(args.ckpt / "vae_ckpt")
         cfg.unet_steps = _ckpt_step(args.ckpt / "unet_ckpt")
+        cfg.vpred_steps = _ckpt_step(args.ckpt / "unet_v_ckpt")
         cfg.decoder_steps = _ckpt_step(args.ckpt / "decoder_ckpt") if (args.ckpt / "decoder_ckpt").exists() else 0
     vae = train_vae(cfg, images, args.ckpt, log)
     vae.requires_grad_(False)
 
-    def preview(step: int) -> None:
+    def preview(step: int, phase: str) -> None:
         tmp = args.ckpt / "preview_model"
-        states = _ckpt_states(args.ckpt / "unet_ckpt")
-        export(tmp, vae, tok, states["ema_text_encoder"], states["ema_unet"], fp16=False)
-        preview_grid(tmp, args.ckpt / f"preview_{step:05d}.png")
+        prediction, folder, _ = PHASES[phase]
+        states = _ckpt_states(args.ckpt / folder)
+        export(tmp, vae, tok, states["ema_text_encoder"], states["ema_unet"], fp16=False, prediction_type=prediction)
+        preview_grid(tmp, args.ckpt / f"preview_{phase}_{step:05d}.png")
 
-    ema_te, ema_unet = train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview)
+    train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="eps")
+    ema_te, ema_unet = train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="v")
     vae = train_decoder(cfg, vae, images, args.ckpt, log)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_training_record(args, cfg)
@@ -649,6 +687,7 @@ def _write_training_record(args, cfg: Config) -> None:
         "machine": machine(),
         "vae_steps_done": _ckpt_step(args.ckpt / "vae_ckpt"),
         "unet_steps_done": _ckpt_step(args.ckpt / "unet_ckpt"),
+        "vpred_steps_done": _ckpt_step(args.ckpt / "unet_v_ckpt"),
         "decoder_steps_done": _ckpt_step(args.ckpt / "decoder_ckpt") if (args.ckpt / "decoder_ckpt").exists() else 0,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
