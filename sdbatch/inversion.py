@@ -18,17 +18,32 @@ def encode_image(model, image) -> torch.Tensor:
 
 
 def ddim_invert(model, latents: torch.Tensor, prompt_embeds: torch.Tensor, steps: int) -> torch.Tensor:
-    """Run DDIM backwards from clean latents to x_T with guidance 1 (Mokady et al.; diffusers' recipe)."""
-    from diffusers import DDIMInverseScheduler
+    """Run DDIM backwards from clean latents to x_T with guidance 1 (Mokady et al. 2022).
 
-    scheduler = DDIMInverseScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(steps, device=model.device)
+    It walks exactly the timesteps the DDIM sampler takes for ``steps`` (any spacing), in
+    reverse, using the model's prediction at the current latent for the next one; epsilon
+    and v-prediction models both work.
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(steps)
+    alphas = scheduler.alphas_cumprod.double()
+    alpha_prev = float(scheduler.final_alpha_cumprod)
     sample = latents[None].to(model.device, model.dtype)
     embeds = prompt_embeds[None].to(model.device, model.dtype)
     with torch.inference_mode():
-        for t in scheduler.timesteps:
-            noise = model.unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0]
-            sample = scheduler.step(noise, t, sample, return_dict=False)[0]
+        for t in reversed(scheduler.timesteps):
+            alpha = float(alphas[int(t)])
+            output = model.unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0].double()
+            x = sample.double()
+            if scheduler.config.prediction_type == "v_prediction":
+                eps = alpha_prev**0.5 * output + (1 - alpha_prev) ** 0.5 * x
+            else:
+                eps = output
+            clean = (x - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
+            sample = (alpha**0.5 * clean + (1 - alpha) ** 0.5 * eps).to(model.dtype)
+            alpha_prev = alpha
     return sample[0].float().cpu()
 
 
