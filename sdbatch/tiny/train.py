@@ -1,12 +1,15 @@
 """Train sdbatch-tiny from scratch on procedural scenes, the way latent diffusion was trained.
 
-Stage 1 trains the AutoencoderKL on pixels; stage 2 freezes it, encodes the dataset once, and
+Stage 1 trains the AutoencoderKL on pixels. Stage 2 freezes it, encodes the dataset once, and
 trains the CLIP text encoder and the UNet together on those latents, dropping 10% of captions
-so classifier-free guidance works. Stage 3 fine-tunes only the VAE decoder on whole images
-(the encoder, hence the latent space the UNet learned, stays fixed). The export writes a standard diffusers Stable Diffusion
-folder that `StableDiffusionPipeline.from_pretrained(path)` loads with no code of ours.
+so classifier-free guidance works: 2a predicts epsilon, 2b continues from 2a's weights with
+v-prediction (epsilon alone left the high-noise steps, where background and layout are
+decided, ignoring the prompt). Stage 3 fine-tunes only the VAE decoder on whole images; the
+encoder, hence the latent space the UNet learned, stays fixed. The export writes a standard
+diffusers Stable Diffusion folder that `StableDiffusionPipeline.from_pretrained(path)` loads
+with no code of ours.
 
-The documented command (about 90 minutes on one core of a 2-core CPU):
+The documented command (about 90 minutes on one core of a 2-core CPU; see model/README.md):
 
     python -m sdbatch.tiny.train --out sdbatch/tiny/model
 
