@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_plan.py [--items 1000000]
 
-Each measurement runs in a fresh subprocess so peak memory (ru_maxrss) is its own. The
+Each measurement runs in a fresh subprocess so peak memory (VmHWM) is its own. The
 baseline is the least any planner can do: itertools.product over the same axis values,
 yielding one small dict per item (no ids). Ratios compare sdbatch with that baseline.
 """
@@ -28,8 +28,17 @@ sweep:
 
 PROBE = r"""
 import json, resource, sys, time
+
+
+def peak_mb():
+    # VmHWM starts afresh at exec; ru_maxrss would inherit the parent's high-water mark.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 mode, job = sys.argv[1], sys.argv[2]
-base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if mode == "baseline":
     import itertools
@@ -56,7 +65,7 @@ seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "items": count, "counted": counted,
                   "count_seconds": None if counted is None else t_count,
                   "torch": "torch" in sys.modules,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_mb()}))
 """
 
 

@@ -24,13 +24,22 @@ from bench_run import plain_loop  # noqa: E402
 
 STREAM = r"""
 import json, resource, sys
+
+
+def peak_mb():
+    # VmHWM starts afresh at exec; ru_maxrss would inherit the parent's high-water mark.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 from sdbatch.job import load_job
 from sdbatch.plugins import load_registry
 from sdbatch.run import _batches
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 plan = load_job(sys.argv[1], load_registry()).plan
 batches = sum(1 for _ in _batches(plan.items(), 8, lambda item: False)) if sys.argv[2] == "stream" else 0
-print(json.dumps({"batches": batches, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"batches": batches, "peak_mb": peak_mb()}))
 """
 
 
