@@ -85,6 +85,8 @@ class JobSpec:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     batch_size: int = field(default=1, metadata=_m(min=1, max=1024))
     retries: int = field(default=1, metadata=_m(min=0, max=10, help="times a failing item is tried again"))
+    threads: int | None = field(default=None, metadata=_m(
+        min=1, max=1024, help="CPU threads per renderer; CPU pixels depend on it, so every worker uses the same"))
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = field(default=0, metadata=_m(min=0, max=MAX_SEED))

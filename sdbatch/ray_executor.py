@@ -20,10 +20,15 @@ IN_FLIGHT_PER_WORKER = 2
 class RenderActor:
     """Holds a Renderer (and so the loaded model) for the life of the actor process."""
 
-    def __init__(self, models: dict, device: str, dtype: str, pad_batches_to: int | None, retries: int = 1):
+    def __init__(self, models: dict, device: str, dtype: str, pad_batches_to: int | None, retries: int = 1,
+                 threads: int | None = None):
+        import torch
+
         from .plugins import load_registry
         from .render import Renderer
 
+        if threads:  # CPU kernels split work by thread count: match the driver's, and so its pixels
+            torch.set_num_threads(threads)
         self.renderer = Renderer(load_registry(), device, dtype, models, pad_batches_to=pad_batches_to)
         self.retries = retries
 
@@ -56,6 +61,13 @@ class RenderActor:
         return os.getpid()
 
 
+def _local_threads() -> int:
+    """The intra-op threads a local run here would use (Ray sets workers to one by default)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 class RayExecutor(LocalExecutor):
     """Like LocalExecutor, but batches render on a pool of Ray actors."""
 
@@ -83,7 +95,9 @@ class RayExecutor(LocalExecutor):
                                  max_task_retries=-1)(RenderActor)
         device = self.device if self.device != "auto" else ("cuda" if gpus else "cpu")
         pad = self.batch_size if device.startswith("cuda") else None
-        self.actors = [actor_class.remote(self.job.plan.models, device, self.job.spec.dtype, pad, self.job.spec.retries)
+        threads = self.job.spec.threads or _local_threads()
+        self.actors = [actor_class.remote(self.job.plan.models, device, self.job.spec.dtype, pad, self.job.spec.retries,
+                                          threads)
                        for _ in range(workers)]
         return ActorPool(self.actors)
 

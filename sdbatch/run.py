@@ -113,8 +113,12 @@ class LocalExecutor:
 
     def _render_batches(self, batches, sink, summary) -> None:
         """Render in this process: one Renderer, so the model loads once."""
+        import torch
+
         from .render import Renderer
 
+        if self.job.spec.threads:
+            torch.set_num_threads(self.job.spec.threads)
         renderer = Renderer(self.registry, self.device, self.job.spec.dtype, self.job.plan.models,
                             pad_batches_to=self.batch_size if _is_gpu(self.device) else None)
         for batch in batches:

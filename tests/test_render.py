@@ -84,3 +84,23 @@ def test_guidance_changes_pixels_and_seed_reproduces_noise(write_job, tiny_model
     assert not np.array_equal(np.asarray(low.image), np.asarray(high.image))
     assert initial_noise(40, (4, 8, 8)).equal(initial_noise(40, (4, 8, 8)))
     assert not initial_noise(40, (4, 8, 8)).equal(initial_noise(41, (4, 8, 8)))
+
+
+def test_pinned_threads_make_cpu_pixels_independent_of_the_environment(write_job, tmp_path):
+    """CPU kernels split sums by thread count; `threads:` pins it (here against OMP_NUM_THREADS)."""
+    import os
+    import subprocess
+    import sys
+
+    job = write_job("""
+        threads: 2
+        prompt: "a large {red|blue} circle in the centre, on a yellow background"
+        sweep: {seed: [1, 2]}
+    """)
+    outputs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"out{threads}"
+        subprocess.run([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(out), "-q"], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": threads})
+        outputs.append({p.name: p.read_bytes() for p in out.rglob("*.png")})
+    assert len(outputs[0]) == 4 and outputs[0] == outputs[1]
