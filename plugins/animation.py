@@ -30,7 +30,7 @@ class KeyframesConditioner(Conditioner):
             start, t = animation["from"], animation["t"]
             if t == 0:
                 if start.get("image"):
-                    state.latents[row] = self.keyframe_latent(model, item, start)
+                    state.latents[row] = start_latents(model, item, start)
                 continue
             end = animation["to"]
             skip = clip_skip_of(item)
@@ -40,21 +40,21 @@ class KeyframesConditioner(Conditioner):
             state.negative_prompt_embeds[row] = mix_text(encode_prompt(model, start["negative_prompt"], skip),
                                                          encode_prompt(model, end["negative_prompt"], skip), t)
             mix_noise = MIXERS[animation["noise"]]
-            state.latents[row] = mix_noise(self.keyframe_latent(model, item, start),
-                                           self.keyframe_latent(model, item, end), t)
+            state.latents[row] = mix_noise(start_latents(model, item, start),
+                                           start_latents(model, item, end), t)
 
-    def keyframe_latent(self, model, item, keyframe: dict):
-        """A keyframe's initial latent: its seed's noise, or its image inverted (cached per model)."""
-        from sdbatch.inversion import invert_image_file
-        from sdbatch.latents import initial_noise
 
-        factor = model.vae_scale_factor
-        shape = (model.latent_channels, item.height // factor, item.width // factor)
-        if not keyframe.get("image"):
-            return initial_noise(keyframe["seed"], shape)
-        embeds = encode_prompt(model, keyframe["prompt"], clip_skip_of(item))
-        return invert_image_file(model, keyframe["image"], keyframe["image_sha256"], keyframe["prompt"], embeds,
-                                 item.steps, item.width, item.height)
+def start_latents(model, item, start: dict):
+    """x_T of a start point (a keyframe or an edit source): its seed's noise, or its image DDIM-inverted."""
+    from sdbatch.inversion import invert_image_file
+    from sdbatch.latents import initial_noise
+
+    factor = model.vae_scale_factor
+    if not start.get("image"):
+        return initial_noise(start["seed"], (model.latent_channels, item.height // factor, item.width // factor))
+    embeds = encode_prompt(model, start["prompt"], clip_skip_of(item))
+    return invert_image_file(model, start["image"], start["image_sha256"], start["prompt"], embeds,
+                             item.steps, item.width, item.height)
 
 
 @hookimpl(trylast=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sdbatch import hookimpl
 from sdbatch.api import Conditioner, Writer
 
-from .text import clip_skip_of, encode_prompt
+from .animation import start_latents
 from .xyz_grid import GridOptions, XYZGrid
 
 
@@ -31,7 +31,7 @@ class EditConditioner(Conditioner):
             edit = item.extra.get("edit")
             if edit is None:
                 continue
-            source_latents = self.source_latents(model, item, edit["source"])
+            source_latents = start_latents(model, item, edit["source"])
             if edit["source"].get("image"):
                 state.latents[row] = source_latents
             source = EditSource(model, item, edit["source"], source_latents)
@@ -52,18 +52,6 @@ class EditConditioner(Conditioner):
                 raise ValueError(f"direction {direction.name!r} has unknown space {direction.space!r}")
         if sega_rows:
             state.noise_terms.append(self.sega_term(model, items, sega_rows))
-
-    def source_latents(self, model, item, source: dict):
-        """x_T of a source: its seed's noise, or its image DDIM-inverted with its prompt."""
-        from sdbatch.inversion import invert_image_file
-        from sdbatch.latents import initial_noise
-
-        factor = model.vae_scale_factor
-        if not source.get("image"):
-            return initial_noise(source["seed"], (model.latent_channels, item.height // factor, item.width // factor))
-        embeds = encode_prompt(model, source["prompt"], clip_skip_of(item))
-        return invert_image_file(model, source["image"], source["image_sha256"], source["prompt"], embeds,
-                                 item.steps, item.width, item.height)
 
     def direction(self, registry, model, item, edit: dict, source):
         """The item's direction, found once per (source, direction entry, steps, size) per model."""

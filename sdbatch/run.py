@@ -271,12 +271,11 @@ def run_status(out_dir, registry) -> dict:
     job = load_job(job_file, registry)
     context = run_context(job, out_dir)
     finished = _finished_check(make_writers(job, context), context.out)
-    total = len(job.plan)
-    done = sum(1 for item in job.plan if finished(item))
+    done_ids = {item.id for item in job.plan if finished(item)}  # one pass over the plan
     failures = out_dir / FAILURES
     failed_ids = {json.loads(line)["id"] for line in failures.read_text().splitlines() if line.strip()} \
         if failures.is_file() else set()
     summary = json.loads((out_dir / SUMMARY).read_text()) if (out_dir / SUMMARY).is_file() else {}
-    return {"job": job.spec.name or job_file.stem, "total": total, "done": done,
-            "failed": len(failed_ids - {i.id for i in job.plan if finished(i)}) if failed_ids else 0,
+    return {"job": job.spec.name or job_file.stem, "total": len(job.plan), "done": len(done_ids),
+            "failed": len(failed_ids - done_ids),
             "notes": context.notes or summary.get("notes", {}), "last_run": summary}
