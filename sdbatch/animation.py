@@ -8,9 +8,7 @@ video is assembled from finished frames. Nothing here imports torch.
 from __future__ import annotations
 
 import bisect
-import hashlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .latents import easing as easing_by_name
 
@@ -63,11 +61,3 @@ class Timeline:
         fields = {"prompt": start.prompt, "negative_prompt": start.negative_prompt, "seed": start.seed}
         fields.update({name: values[f] for name, values in self.schedules.items()})
         return {"fields": fields, "animation": animation}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

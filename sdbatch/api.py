@@ -70,7 +70,7 @@ class Item:
     def batch_key(self) -> tuple:
         """Items with equal keys can share one denoising loop."""
         return (self.model, self.width, self.height, self.sampler, self.steps,
-                tuple(c.name for c in self.conditioners))
+                tuple(c.name for c in self.conditioners), json.dumps(self.extra.get("batch")))
 
     def to_json(self) -> dict:
         record = {"id": self.id, "index": self.index}
@@ -179,8 +179,17 @@ class Conditioner(Plugin):
     or ``state.extra`` (keyword arguments for the denoiser, e.g. ControlNet residuals).
     """
 
+    #: Options that must be equal across a batch (e.g. img2img strength, which decides the
+    #: timesteps): items that differ in them are rendered in different batches.
+    batch_options: ClassVar[tuple] = ()
+
     def condition(self, items, options, model, state) -> None:
         raise NotImplementedError
+
+    def check(self, options, job) -> list[str]:
+        """Problems with this use in a validated job (e.g. a ControlNet that does not fit the
+        model), reported at the use's YAML line; read configs only, load no weights."""
+        return []
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from .api import ModelRequest, PluginUse
 from .errors import JobError, KeyPath, did_you_mean
+from .inputs import IMAGE_SUFFIXES, InputFiles, image_files, image_option_names
 from .plan import SIZE_PATTERN, Axis, Plan, SeedRange, expand_prompts, PromptError
 from .plugins import Registry
 from .schema import Checker, Invalid, option_fields
@@ -209,15 +210,63 @@ class _Validator:
         axes = self._axes(spec, uses, models)
         timeline = self._animation(spec, uses) if spec.animation is not None else None
         edit = self._edit(spec) if spec.edit is not None else None
+        inputs = self._input_files(uses, timeline)
         plan = Plan(
             base=spec, axes=axes, models=models, conditioners=tuple(uses["conditioners"]),
-            postprocess=tuple(uses["postprocess"]), timeline=timeline, edit=edit,
+            postprocess=tuple(uses["postprocess"]), timeline=timeline, edit=edit, inputs=inputs,
+            batch_options=self._batch_options(uses),
         )
         job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
         for writer_class, options, use, index in writers:
             for message in writer_class.check(options, job):
                 self.fail(("outputs", index, use.name), message)
+        for index, use in zip(self.positions["conditioners"], uses["conditioners"]):
+            conditioner = self.registry.get("conditioner", use.name).obj
+            for message in conditioner.check(conditioner.parse_options(use.options), job):
+                self.fail(("conditioners", index, use.name), message)
         return job
+
+    # -- input images ------------------------------------------------------------------
+    def _input_files(self, uses: dict, timeline) -> InputFiles:
+        """Which conditioner options name images; in an animation, check per-frame folders are long enough."""
+        fields = {use.name: image_option_names(self.registry.get("conditioner", use.name).obj.Options)
+                  for use in uses["conditioners"]}
+        if timeline is not None:
+            for index, use in zip(self.positions["conditioners"], uses["conditioners"]):
+                for name in fields[use.name]:
+                    value = use.options.get(name)
+                    if value and Path(value).is_dir() and len(image_files(value)) < timeline.frames:
+                        self.fail(("conditioners", index, use.name, name),
+                                  f"{value} has {len(image_files(value))} images; the animation's "
+                                  f"{timeline.frames} frames need one each (frame n takes the n-th by name)")
+        return InputFiles(fields)
+
+    def _folder_axes(self, uses: dict, swept: dict, animation: bool) -> dict:
+        """Folders given as conditioner images become axes: one item per image, sorted by name."""
+        if animation:  # an animation takes a folder as one image per frame instead
+            return {}
+        axes = {}
+        for index, use in zip(self.positions["conditioners"], uses["conditioners"]):
+            for name in image_option_names(self.registry.get("conditioner", use.name).obj.Options):
+                value, key = use.options.get(name), f"{use.name}.{name}"
+                if not value or key in swept or not Path(value).is_dir():
+                    continue
+                files = image_files(value)
+                if not files:
+                    self.fail(("conditioners", index, use.name, name),
+                              f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {value}")
+                    continue
+                axes[key] = files
+        return axes
+
+    def _batch_options(self, uses: dict) -> dict:
+        """Conditioner name -> options that must match within a batch."""
+        found = {}
+        for use in uses["conditioners"]:
+            names = self.registry.get("conditioner", use.name).obj.batch_options
+            if names:
+                found[use.name] = tuple(names)
+        return found
 
     # -- plugin uses -------------------------------------------------------------
     def _uses(self, key: str) -> list[PluginUse]:
@@ -302,7 +351,8 @@ class _Validator:
 
     def _animation(self, spec: JobSpec, uses: dict):
         """The Timeline of an animation job, with frames as the plan's last axis."""
-        from .animation import Keyframe, Timeline, file_sha256
+        from .animation import Keyframe, Timeline
+        from .inputs import file_sha256
         from .latents import easing
         from .schedules import Schedule, ScheduleError
 
@@ -370,7 +420,7 @@ class _Validator:
     # -- editing -------------------------------------------------------------------------
     def _edit(self, spec: JobSpec):
         """The EditPlan: labelled sources and directions, and the strengths, as plan axes."""
-        from .animation import file_sha256
+        from .inputs import file_sha256
         from .editing import EditPlan
 
         edit, base = spec.edit, ("edit",)
@@ -474,6 +524,7 @@ class _Validator:
             values["prompt"] = expanded
             if "prompt" not in spec.sweep:
                 values = {"prompt": expanded, **values}  # a template's variants form the outer axis
+        values.update(self._folder_axes(uses, values, spec.animation is not None))
         return self._group(values, spec)
 
     def _axis_targets(self, uses: dict) -> dict:

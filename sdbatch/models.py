@@ -35,7 +35,8 @@ class Model:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        # The VAE's, not the U-Net's input: an inpainting U-Net takes 9 (latents, mask, masked image).
+        return self.vae.config.latent_channels
 
 
 def resolve_device(device: str) -> str:

@@ -146,8 +146,10 @@ class Plan:
     """Items in a fixed order: the first axis varies slowest, the last fastest."""
 
     def __init__(self, base, axes: list[Axis], models: dict, conditioners=(), postprocess=(), timeline=None,
-                 edit=None):
+                 edit=None, inputs=None, batch_options=None):
         self.base = base
+        self.inputs = inputs  # an inputs.InputFiles: which options name images (hashed into extra)
+        self.batch_options = batch_options or {}  # conditioner -> options a batch must share
         self.timeline = timeline  # an animation.Timeline: frames become the last (fastest) axis
         self.edit = edit  # an editing.EditPlan: source, direction and strength become axes
         self._sampler = PromptSampler(getattr(base, "wildcards", None))
@@ -231,6 +233,14 @@ class Plan:
             fields["width"], fields["height"] = int(width), int(height)
         fields["conditioners"] = _with_options(self.conditioners, values)
         fields["postprocess"] = _with_options(self.postprocess, values)
+        if self.inputs:
+            files = self.inputs.of(fields["conditioners"], values.get("frame"))
+            if files:
+                extra["inputs"] = files
+        batch = [[use.name, {name: use.options.get(name) for name in self.batch_options[use.name]}]
+                 for use in fields["conditioners"] if use.name in self.batch_options]
+        if batch:
+            extra["batch"] = batch  # part of the batch key: items that differ here never share a loop
         fields["axes"] = axes
         fields["extra"] = extra
         return fields

@@ -1,8 +1,10 @@
 """Typed validation of YAML data against dataclasses, collecting every problem at once.
 
 The job schema and every plugin's options are plain dataclasses. Field metadata adds
-what types cannot say: ``min``/``max`` bounds, ``multiple_of``, ``file``/``folder``
-(the path must exist, relative to the job file) and ``help`` (shown in errors).
+what types cannot say: ``min``/``max`` bounds, ``multiple_of``, ``file``/``folder``/``image``
+(the path must exist, relative to the job file; ``image`` takes a file or a folder of images),
+``model_ref`` (a name, hub id or path; an existing path is made absolute) and ``help``
+(shown in errors).
 """
 
 from __future__ import annotations
@@ -144,17 +146,23 @@ class Checker:
             raise self.fail(path, f"must be at most {meta['max']}, got {value}")
         if "multiple_of" in meta and value % meta["multiple_of"]:
             raise self.fail(path, f"must be a multiple of {meta['multiple_of']}, got {value}")
-        if meta.get("file") or meta.get("folder"):
-            return self._existing_path(value, path, folder=bool(meta.get("folder")))
+        if meta.get("model_ref"):  # a name, hub id or path: paths are relative to the job file
+            candidate = Path(value).expanduser()
+            candidate = candidate if candidate.is_absolute() else self.source.folder / candidate
+            return str(candidate) if candidate.exists() else value
+        if meta.get("file") or meta.get("folder") or meta.get("image"):
+            kind = "image" if meta.get("image") else "folder" if meta.get("folder") else "file"
+            return self._existing_path(value, path, kind)
         return value
 
-    def _existing_path(self, value: str, path: KeyPath, folder: bool) -> str:
+    def _existing_path(self, value: str, path: KeyPath, kind: str) -> str:
+        """The path resolved against the job's folder; a file, a folder, or (image) either."""
         resolved = Path(value).expanduser()
         if not resolved.is_absolute():
             resolved = self.source.folder / resolved
-        ok = resolved.is_dir() if folder else resolved.is_file()
+        ok = {"file": resolved.is_file, "folder": resolved.is_dir, "image": resolved.exists}[kind]()
         if not ok:
-            what = "folder" if folder else "file"
+            what = "image file or folder" if kind == "image" else kind
             raise self.fail(path, f"{what} not found: {value} (looked for {resolved})")
         return str(resolved)
 

@@ -257,6 +257,31 @@ def build_tiny_model(folder, seed: int = 0, single_file=None, vae_blocks: int = 
     return folder
 
 
+def build_tiny_controlnet(model_folder, folder, seed: int = 0, zero_init: bool = False) -> Path:
+    """A ControlNet for a model folder's U-Net, saved as a diffusers ControlNet folder.
+
+    It copies the U-Net's encoder, as ControlNet training starts; its conditioning embedding
+    downsamples by the model's VAE factor. Unless ``zero_init``, the zero convolutions get
+    small random weights, so a random test net visibly changes the output (a fresh,
+    zero-initialised one would add nothing and every control test would pass vacuously).
+    """
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    model_folder, folder = Path(model_folder), Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(model_folder / "unet")
+    vae_config = json.loads((model_folder / "vae" / "config.json").read_text())
+    downsamples = len(vae_config["block_out_channels"]) - 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8,) + (16,) * downsamples)
+        if not zero_init:
+            for block in list(net.controlnet_down_blocks) + [net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+                torch.nn.init.normal_(block.weight, std=0.05)
+    net.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------

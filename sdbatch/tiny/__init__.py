@@ -17,4 +17,14 @@ def model_path() -> Path:
     return Path(__file__).resolve().with_name("model")
 
 
-__all__ = ["MODEL_NAME", "model_path"]
+def controlnet_path(kind: str) -> Path:
+    """Folder of a shipped sdbatch-tiny ControlNet (``canny`` or ``depth``), named sdbatch-tiny-<kind> in jobs."""
+    return Path(__file__).resolve().parent / "controlnet" / kind
+
+
+def depth_estimator_path() -> Path:
+    """Folder of the shipped tiny DPT depth estimator (transformers layout), named sdbatch-tiny-depth."""
+    return Path(__file__).resolve().parent / "depth-estimator"
+
+
+__all__ = ["MODEL_NAME", "model_path", "controlnet_path", "depth_estimator_path"]

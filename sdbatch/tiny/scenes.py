@@ -257,6 +257,27 @@ def make_single(
     return render(SceneAttributes((spec,), (background,)))
 
 
+def depth_orders_front(depth_img: Image.Image | np.ndarray, scene: Scene) -> bool:
+    """Whether a depth map (near = bright) puts the scene's front shape nearer than what lies behind it.
+
+    The map's mean inside the front shape must exceed its mean inside the back shape (two
+    shapes) or over the background (one shape). A rank check, not a metric, since MiDaS
+    depth is relative: what a trained depth estimator must get right on these scenes.
+    """
+    depth = np.asarray(depth_img.convert("L") if isinstance(depth_img, Image.Image) else depth_img, np.float64)
+    if depth.ndim == 3:
+        depth = depth.mean(axis=-1)
+    if depth.shape != scene.labels.shape:
+        raise ValueError(f"depth map is {depth.shape[1]}x{depth.shape[0]} but the scene is "
+                         f"{scene.labels.shape[1]}x{scene.labels.shape[0]}")
+    front = len(scene.attributes.shapes)
+    behind = front - 1  # label of the back shape, or 0 (background) in a one-shape scene
+    front_mask, behind_mask = scene.labels == front, scene.labels == behind
+    if not front_mask.any() or not behind_mask.any():
+        raise ValueError("the scene shows no pixels of its front shape or of what lies behind it")
+    return bool(depth[front_mask].mean() > depth[behind_mask].mean())
+
+
 def sample_single_attributes(rng: np.random.Generator) -> dict[str, str]:
     """Random attributes of a one-shape, plain-background scene (evaluation prompts)."""
     background = list(COLOURS)[rng.integers(len(COLOURS))]
@@ -278,3 +299,169 @@ def render_dataset(n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
         images[i] = scene.image
         captions.append(scene.caption)
     return images, captions
+
+
+# ---------------------------------------------------------------- stick figures
+#
+# Pose conditioning data: a stick figure with its 18 OpenPose keypoints and the skeleton
+# map a pose ControlNet is trained on. The skeleton is drawn here, not by
+# sdbatch_plugins.preprocessors.draw_pose, because core must not import from plugins;
+# both follow OpenPose's convention and a test checks they draw identical pixels.
+
+# OpenPose BODY_18: nose, neck, r-shoulder, r-elbow, r-wrist, l-shoulder, l-elbow, l-wrist,
+# r-hip, r-knee, r-ankle, l-hip, l-knee, l-ankle, r-eye, l-eye, r-ear, l-ear.
+_POSE_LIMBS = (
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
+    (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
+)
+_POSE_COLOURS = (
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+)
+# Body proportions as fractions of the standing height (head top to ankles ~0.94).
+_HEAD_R, _NECK, _SHOULDER, _TORSO, _HIP = 0.08, 0.03, 0.11, 0.30, 0.065
+_UPPER_ARM, _FOREARM, _THIGH, _SHIN = 0.16, 0.14, 0.23, 0.22
+# Keep the figure this far inside the image so every keypoint is visible.
+_MARGIN = 3.0
+
+
+@dataclass
+class Figure:
+    """A stick figure: uint8 image (H, W, 3), OpenPose keypoints (18, 3: x, y, visible), pose map (H, W, 3)."""
+
+    image: np.ndarray
+    keypoints: np.ndarray
+    pose_map: np.ndarray
+    caption: str
+
+    def pil(self) -> Image.Image:
+        """The image as a PIL RGB image."""
+        return Image.fromarray(self.image)
+
+
+def _limb(start: np.ndarray, angle: float, length: float, side: int) -> np.ndarray:
+    """End of a limb `angle` degrees out from straight down; side -1 is the person's right (image left)."""
+    a = np.radians(angle)
+    return start + length * np.array([side * np.sin(a), np.cos(a)])
+
+
+def _figure_keypoints(rng: np.random.Generator, height: float) -> np.ndarray:
+    """BODY_18 keypoints (18, 2) of a random front-facing pose, neck at the origin.
+
+    The figure faces the viewer, so its right side is on the image's left, as in OpenPose.
+    Angles stay within what a body does: arms from slightly crossed to overhead, elbows
+    bending one way, legs apart up to 35 degrees, knees bending inwards, a small lean.
+    """
+    lean = np.radians(rng.uniform(-8, 8))
+    down = np.array([np.sin(lean), np.cos(lean)])  # neck to hips
+    across = np.array([np.cos(lean), -np.sin(lean)])  # towards the person's left
+    neck = np.zeros(2)
+    head = neck - down * (_NECK + _HEAD_R) * height
+    r = _HEAD_R * height
+    points = {
+        "nose": head + [0, 0.15 * r],
+        "neck": neck,
+        "r_eye": head + [-0.4 * r, -0.2 * r],
+        "l_eye": head + [0.4 * r, -0.2 * r],
+        "r_ear": head + [-0.95 * r, 0],
+        "l_ear": head + [0.95 * r, 0],
+    }
+    hips = neck + down * _TORSO * height
+    for side, name in ((-1, "r"), (1, "l")):
+        shoulder = neck + side * across * _SHOULDER * height
+        upper = rng.uniform(-20, 160)
+        elbow = _limb(shoulder, upper, _UPPER_ARM * height, side)
+        wrist = _limb(elbow, upper + rng.uniform(-20, 110), _FOREARM * height, side)
+        hip = hips + side * across * _HIP * height
+        thigh = rng.uniform(-5, 35)
+        knee = _limb(hip, thigh, _THIGH * height, side)
+        ankle = _limb(knee, thigh - rng.uniform(0, 40), _SHIN * height, side)
+        points.update({f"{name}_shoulder": shoulder, f"{name}_elbow": elbow, f"{name}_wrist": wrist,
+                       f"{name}_hip": hip, f"{name}_knee": knee, f"{name}_ankle": ankle})
+    order = ("nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_shoulder", "l_elbow", "l_wrist",
+             "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "r_eye", "l_eye", "r_ear", "l_ear")
+    return np.array([points[k] for k in order], np.float64)
+
+
+def _draw_figure(points: np.ndarray, height: float, colour: str, background: str) -> np.ndarray:
+    """The stick figure (head disc with two eyes, limbs as thick lines), anti-aliased, uint8 (H, W, 3)."""
+    big = Image.new("L", (SIZE * _SUPER, SIZE * _SUPER), 0)
+    draw = ImageDraw.Draw(big)
+    # Keypoints put pixel i's centre at coordinate i (as OpenPose and the pose map do);
+    # at 4x, with PIL's integer coordinates on pixel centres too, that is 4x + 1.5.
+    s = points * _SUPER + (_SUPER - 1) / 2
+    width = round(max(1.5, height / 22) * _SUPER)
+    hips = (s[8] + s[11]) / 2
+    for path in ((2, 5), (8, 11), (2, 3, 4), (5, 6, 7), (8, 9, 10), (11, 12, 13)):
+        draw.line([tuple(s[i]) for i in path], fill=255, width=width, joint="curve")
+    draw.line([tuple(s[1]), tuple(hips)], fill=255, width=width)
+    head = (s[16] + s[17]) / 2
+    r = _HEAD_R * height * _SUPER
+    draw.line([tuple(s[1]), tuple(head)], fill=255, width=width)
+    draw.ellipse([head[0] - r, head[1] - r, head[0] + r, head[1] + r], fill=255)
+    for eye in (s[14], s[15]):  # eyes as holes in the head, so a face reads as a face
+        e = 0.18 * r
+        draw.ellipse([eye[0] - e, eye[1] - e, eye[0] + e, eye[1] + e], fill=0)
+    alpha = np.asarray(big.resize((SIZE, SIZE), Image.Resampling.BOX), np.float32)[..., None] / 255.0
+    img = np.asarray(COLOURS[background], np.float32) * (1 - alpha) + np.asarray(COLOURS[colour], np.float32) * alpha
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _pose_polygon(p: np.ndarray, q: np.ndarray, half_width: float, points: int = 36) -> list[tuple[float, float]]:
+    """An ellipse from p to q, `half_width` thick, as a polygon (OpenPose's limb shape)."""
+    centre = (p + q) / 2
+    along = q - p
+    length = float(np.hypot(*along))
+    u = along / length if length > 0 else np.array([1.0, 0.0])
+    v = np.array([-u[1], u[0]])
+    t = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    ring = centre + np.outer(np.cos(t) * length / 2, u) + np.outer(np.sin(t) * half_width, v)
+    return [(float(x), float(y)) for x, y in ring]
+
+
+def draw_pose_map(keypoints: np.ndarray, size: int = SIZE, threshold: float = 0.3) -> np.ndarray:
+    """OpenPose skeleton of one person (18, 3: x, y, score) on black, uint8 (size, size, 3).
+
+    Limbs as ellipses at 60% of their colour, then joints as dots in full colour; sticks
+    4 px at 512 scaled with the image. Same pixels as preprocessors.draw_pose.
+    """
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    stick = max(1.0, 4 * size / 512)
+    person = np.asarray(keypoints, dtype=np.float64)
+    shown = np.isfinite(person).all(axis=1) & (person[:, 2] >= threshold)
+    for (a, b), colour in zip(_POSE_LIMBS, _POSE_COLOURS):
+        if shown[a] and shown[b]:
+            draw.polygon(_pose_polygon(person[a, :2], person[b, :2], stick), fill=tuple(int(c * 0.6) for c in colour))
+    for (x, y), colour, ok in zip(person[:, :2], _POSE_COLOURS, shown):
+        if ok:
+            x, y, r = round(x), round(y), round(stick)  # on the joint's pixel (see draw_pose)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    return np.asarray(canvas)
+
+
+def make_figure(seed: int) -> Figure:
+    """A random stick figure on a plain background, with its keypoints and pose map (same seed, same figure)."""
+    rng = np.random.default_rng(seed)
+    background = list(COLOURS)[rng.integers(len(COLOURS))]
+    colour = _other_colour(rng, {background})
+    height = rng.uniform(32.0, 50.0)
+    points = _figure_keypoints(rng, height)
+    # Place the whole figure (head disc included) inside the margin, at a random spot.
+    r = _HEAD_R * height
+    head = (points[16] + points[17]) / 2
+    low = np.minimum(points.min(axis=0), head - r) - _MARGIN
+    high = np.maximum(points.max(axis=0), head + r) + _MARGIN
+    room = SIZE - (high - low)
+    offset = -low + np.where(room > 0, rng.uniform(0, 1, 2) * np.maximum(room, 0), room / 2)
+    points = points + offset
+    visible = ((points >= 0) & (points <= SIZE - 1)).all(axis=1).astype(np.float64)
+    keypoints = np.concatenate([points, visible[:, None]], axis=1).astype(np.float32)
+    article = _article(colour)
+    return Figure(
+        image=_draw_figure(points, height, colour, background),
+        keypoints=keypoints,
+        pose_map=draw_pose_map(keypoints),
+        caption=f"{article} {colour} stick figure, {background_phrase((background,))}",
+    )
