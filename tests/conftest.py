@@ -66,9 +66,9 @@ def kill_run_after():
     import sys
     import time
 
-    def run(job, out, finished: int, timeout: float = 120.0) -> int:
-        process = subprocess.Popen([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(out), "-q"],
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"},
+    def run(job, out, finished: int, timeout: float = 120.0, args=(), env=None) -> int:
+        process = subprocess.Popen([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(out), "-q", *args],
+                                   env=env or {**os.environ, "OMP_NUM_THREADS": "1"},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         manifest, deadline = Path(out) / "manifest.jsonl", time.monotonic() + timeout
         while time.monotonic() < deadline and process.poll() is None:

@@ -206,3 +206,33 @@ conditioners: [text, {{image: {{image: {inputs}, controlnet: {tiny_controlnet}, 
     assert "cannot read image" in errors and "zz-broken.png" in errors
     assert "is 96x64 but the item is 64x64; resize: none needs equal sizes" in errors
     assert len(list(out.rglob("*.png"))) == 3  # the three good scenes rendered
+
+
+def test_img2img_combines_with_controlnet(write_job, tiny_model, tiny_controlnet, inputs, registry):
+    job = load_job(_job(write_job, tiny_model, f"""
+conditioners:
+  - text
+  - image: {{image: {inputs / 'scene1.png'}, controlnet: {tiny_controlnet}}}
+  - img2img: {{image: {inputs / 'scene0.png'}, strength: 0.6}}
+sweep: {{image.scale: [0.0, 1.0]}}
+"""), registry)
+    alone, together = _render(registry, job, batch=1), _render(registry, job)
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+    assert not np.array_equal(together[0], together[1])
+
+
+def test_a_pose_model_that_finds_no_person_fails_the_item_with_a_message(write_job, tiny_model, tiny_controlnet,
+                                                                        inputs, tmp_path):
+    from sdbatch_plugins.preprocessors import make_tiny_vitpose
+
+    pose_model = make_tiny_vitpose(tmp_path / "vitpose")
+    path = _job(write_job, tiny_model, f"""
+retries: 0
+conditioners:
+  - text
+  - pose: {{image: {inputs / 'scene0.png'}, controlnet: {tiny_controlnet}, estimator: {pose_model}, threshold: 1.0}}
+""")
+    out = tmp_path / "out"
+    assert main(["run", str(path), "-o", str(out), "-q"]) != 0
+    failure = json.loads((out / "failures.jsonl").read_text().splitlines()[0])
+    assert "no person" in failure["error"].lower() and "threshold" in failure["error"]

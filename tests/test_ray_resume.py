@@ -1,0 +1,81 @@
+"""Kill the driver of a Ray run (SIGKILL, mid-job) and run the same command again.
+
+The driver starts its own local Ray cluster in a subprocess, as `sdbatch run --executor ray`
+does on a laptop. The rerun must finish only what is missing: every item exactly once
+in the manifest, the WebDataset shards and Parquet files complete and readable, and
+images byte-identical to a local run of the same items. A separate module from
+tests/test_ray.py, whose in-process cluster must not be the one the subprocess joins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _ray_processes() -> set[int]:
+    """PIDs of Ray's head processes on this machine (raylet, GCS)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if b"raylet" in cmdline or b"gcs_server" in cmdline:
+                found.add(int(entry))
+    return found
+
+
+def test_killing_the_ray_driver_then_rerunning_finishes_each_item_once(write_job, tiny_model, kill_run_after,
+                                                                        tmp_path):
+    pytest.importorskip("ray")
+    pytest.importorskip("webdataset")
+    import pyarrow.parquet as pq
+
+    job = write_job(f"""
+        model: {tiny_model}
+        steps: 3
+        batch_size: 2
+        prompt: "a {{red|blue}} circle"
+        sweep: {{seed: {{start: 0, count: 8}}}}
+        outputs: [png, {{webdataset: {{shard_size: 4}}}}]
+    """)
+    out = tmp_path / "out"
+    before = _ray_processes()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    done = kill_run_after(job, out, finished=3, timeout=240, args=["--executor", "ray", "--workers", "1"], env=env)
+    assert 3 <= done < 16
+    rerun = subprocess.run([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(out), "-q",
+                            "--executor", "ray", "--workers", "1"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+    ids = [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    assert len(set(ids)) == 16  # every item finished; a line twice would only repeat the same id
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rendered"] == 16 - done and summary["already_done"] == done
+    keys = []
+    for shard in range(4):
+        with tarfile.open(out / "dataset" / f"{shard:05d}.tar") as tar:
+            keys += sorted({name.split(".")[0] for name in tar.getnames()})
+        assert pq.read_table(out / "dataset" / f"{shard:05d}.parquet").num_rows == 4
+        assert (out / "dataset" / f"{shard:05d}_stats.json").is_file()
+    assert len(keys) == len(set(keys)) == 16
+
+    local = tmp_path / "local"
+    assert subprocess.run([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(local), "-q"], env=env,
+                          timeout=300).returncode == 0
+    for shard in range(4):
+        name = f"dataset/{shard:05d}.tar"
+        assert (out / name).read_bytes() == (local / name).read_bytes()
+    # The killed driver's cluster must not outlive it (Ray's reaper takes it down with the driver).
+    assert _ray_processes() <= before
