@@ -59,8 +59,11 @@ class ControlConditioner(Conditioner):
         raise NotImplementedError
 
     def preprocessor_key(self, options) -> dict:
-        """The options that change the map (part of the cache key)."""
-        return {}
+        """The options that change the map (part of the cache key): those a kind adds."""
+        import dataclasses
+
+        shared = {f.name for f in dataclasses.fields(ControlOptions)}
+        return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in shared}
 
     def condition(self, items, options, model, state) -> None:
         import numpy as np
@@ -252,9 +255,6 @@ class CannyConditioner(ControlConditioner):
 
         return canny_map(image, options.low, options.high)
 
-    def preprocessor_key(self, options) -> dict:
-        return {"low": options.low, "high": options.high}
-
 
 @dataclass
 class DepthOptions(ControlOptions):
@@ -273,9 +273,6 @@ class DepthConditioner(ControlConditioner):
         from .preprocessors import depth_map
 
         return depth_map(_estimator("depth", options.estimator, device, options.allow_pickle), image)
-
-    def preprocessor_key(self, options) -> dict:
-        return {"estimator": options.estimator}
 
 
 @dataclass
@@ -298,9 +295,6 @@ class PoseConditioner(ControlConditioner):
         estimator = _estimator("pose", options.estimator, device, options.allow_pickle)
         people = pose_keypoints(estimator, image, options.threshold)
         return draw_pose(people, image.size, options.threshold)
-
-    def preprocessor_key(self, options) -> dict:
-        return {"estimator": options.estimator, "threshold": options.threshold}
 
 
 class ImageConditioner(ControlConditioner):

@@ -304,21 +304,9 @@ def render_dataset(n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
 # ---------------------------------------------------------------- stick figures
 #
 # Pose conditioning data: a stick figure with its 18 OpenPose keypoints and the skeleton
-# map a pose ControlNet is trained on. The skeleton is drawn here, not by
-# sdbatch_plugins.preprocessors.draw_pose, because core must not import from plugins;
-# both follow OpenPose's convention and a test checks they draw identical pixels.
+# map a pose ControlNet is trained on, drawn by sdbatch.pose exactly as the pose
+# preprocessor draws estimated keypoints.
 
-# OpenPose BODY_18: nose, neck, r-shoulder, r-elbow, r-wrist, l-shoulder, l-elbow, l-wrist,
-# r-hip, r-knee, r-ankle, l-hip, l-knee, l-ankle, r-eye, l-eye, r-ear, l-ear.
-_POSE_LIMBS = (
-    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
-    (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
-)
-_POSE_COLOURS = (
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
-    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
-    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
-)
 # Body proportions as fractions of the standing height (head top to ankles ~0.94).
 _HEAD_R, _NECK, _SHOULDER, _TORSO, _HIP = 0.08, 0.03, 0.11, 0.30, 0.065
 _UPPER_ARM, _FOREARM, _THIGH, _SHIN = 0.16, 0.14, 0.23, 0.22
@@ -408,37 +396,11 @@ def _draw_figure(points: np.ndarray, height: float, colour: str, background: str
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _pose_polygon(p: np.ndarray, q: np.ndarray, half_width: float, points: int = 36) -> list[tuple[float, float]]:
-    """An ellipse from p to q, `half_width` thick, as a polygon (OpenPose's limb shape)."""
-    centre = (p + q) / 2
-    along = q - p
-    length = float(np.hypot(*along))
-    u = along / length if length > 0 else np.array([1.0, 0.0])
-    v = np.array([-u[1], u[0]])
-    t = np.linspace(0, 2 * np.pi, points, endpoint=False)
-    ring = centre + np.outer(np.cos(t) * length / 2, u) + np.outer(np.sin(t) * half_width, v)
-    return [(float(x), float(y)) for x, y in ring]
-
-
 def draw_pose_map(keypoints: np.ndarray, size: int = SIZE, threshold: float = 0.3) -> np.ndarray:
-    """OpenPose skeleton of one person (18, 3: x, y, score) on black, uint8 (size, size, 3).
+    """OpenPose skeleton of one person (18, 3: x, y, score) on black, uint8 (size, size, 3)."""
+    from sdbatch.pose import draw_pose
 
-    Limbs as ellipses at 60% of their colour, then joints as dots in full colour; sticks
-    4 px at 512 scaled with the image. Same pixels as preprocessors.draw_pose.
-    """
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    stick = max(1.0, 4 * size / 512)
-    person = np.asarray(keypoints, dtype=np.float64)
-    shown = np.isfinite(person).all(axis=1) & (person[:, 2] >= threshold)
-    for (a, b), colour in zip(_POSE_LIMBS, _POSE_COLOURS):
-        if shown[a] and shown[b]:
-            draw.polygon(_pose_polygon(person[a, :2], person[b, :2], stick), fill=tuple(int(c * 0.6) for c in colour))
-    for (x, y), colour, ok in zip(person[:, :2], _POSE_COLOURS, shown):
-        if ok:
-            x, y, r = round(x), round(y), round(stick)  # on the joint's pixel (see draw_pose)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    return np.asarray(canvas)
+    return np.asarray(draw_pose([keypoints], (size, size), threshold))
 
 
 def make_figure(seed: int) -> Figure:

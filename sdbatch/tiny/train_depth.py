@@ -6,7 +6,7 @@ The depth conditioner runs real DPT models through transformers (``Intel/dpt-hyb
 by hub id on a connected machine). Offline, a random DPT would make every depth claim
 vacuous, so this trains one in transformers' own format on the procedural scenes'
 ground-truth depth (background far, the front shape nearest). Inverse depth as MiDaS
-predicts it, learned with MiDaS's scale- and shift-invariant loss (Ranftl et al. 2020),
+predicts it, learned with MiDaS's scale- and shift-invariant loss (Ranftl et al. 2020, scale kept positive),
 so only the order and shape of depth matter, as the min-max normalised map the
 ControlNet sees. Fixed seeds, a progress bar and a loss log; minutes on one CPU core.
 """
@@ -33,8 +33,8 @@ STAGE_ID = 13  # per-step generator stream (train.py uses 1-6, train_controlnet.
 class DepthConfig:
     seed: int = 1  # scenes from another seed than the image model's training set
     n_scenes: int = 8000
-    steps: int = 1500
-    batch: int = 32
+    steps: int = 600
+    batch: int = 16
     lr: float = 1e-3
 
 
@@ -49,11 +49,15 @@ def make_dpt():
 
 
 def shift_scale_invariant_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MiDaS's loss: fit scale and shift of each prediction to its target by least squares, then MSE."""
+    """MiDaS's loss: fit a scale and shift of each prediction to its target by least squares, then MSE.
+
+    The scale is kept positive: a fitted negative scale would let the model learn depth
+    upside down (far = bright) at the same loss, which is exactly the order that matters.
+    """
     p, t = pred.flatten(1), target.flatten(1)
     p_mean, t_mean = p.mean(1, keepdim=True), t.mean(1, keepdim=True)
     scale = ((p - p_mean) * (t - t_mean)).sum(1, keepdim=True) / ((p - p_mean) ** 2).sum(1, keepdim=True).clamp(min=1e-6)
-    return ((scale * (p - p_mean) + t_mean - t) ** 2).mean()
+    return ((scale.clamp(min=0.1) * (p - p_mean) + t_mean - t) ** 2).mean()
 
 
 def train(cfg: DepthConfig, out: Path) -> dict:
@@ -78,7 +82,9 @@ def train(cfg: DepthConfig, out: Path) -> dict:
         flip = torch.rand(cfg.batch, generator=g) < 0.5  # depth order does not care about left and right
         x, y = pixels[idx], depth[idx]
         x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
-        loss = shift_scale_invariant_loss(model(pixel_values=x).predicted_depth, y)
+        pred = model(pixel_values=x).predicted_depth  # DPT's head upsamples past the input size
+        pred = torch.nn.functional.interpolate(pred[:, None], size=y.shape[-2:], mode="area")[:, 0]
+        loss = shift_scale_invariant_loss(pred, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
