@@ -123,8 +123,14 @@ class OutputDir:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.entries: dict[str, Entry] = {}
-        self.owners: dict[str, str] = {}  # relative path -> item id
+        # A compact index, so a resumed run of millions of items fits in a driver: per
+        # finished item its manifest line's offset and its writers (packed in one int),
+        # per item file the 64-bit hash of its path -> that line. Entries are read back
+        # from the manifest when asked for (measured: ~4.3 KB per item as Entry objects).
+        self._done: dict[str, int] = {}
+        self._owners: dict[int, int] = {}
+        self._writer_sets: list[tuple] = []
+        self._reader = None
         self._remove_temporaries()
         self._read_manifest()
         run_files = self.root / RUN_FILES
@@ -139,25 +145,61 @@ class OutputDir:
         self._cut_line = False
         if not self.manifest_path.is_file():
             return
+        offset = 0
         with open(self.manifest_path, "rb") as handle:
             for raw in handle:
                 self._cut_line = not raw.endswith(b"\n")
                 try:
                     data = json.loads(raw)
                 except json.JSONDecodeError:
-                    continue  # a line cut by a kill: its item is simply not finished
-                writers = data.get("writers") or sorted({f["writer"] for f in data["files"]})
-                entry = Entry(data["id"], data["index"], data["files"], data.get("item", {}),
-                              data.get("seconds", 0.0), data.get("extra", {}), writers)
-                if all((self.root / f["path"]).is_file() for f in entry.files):
-                    self.entries[entry.id] = entry
-                    for f in entry.files:
-                        self.owners[f["path"]] = entry.id
+                    data = None  # a line cut by a kill: its item is simply not finished
+                if data is not None and all((self.root / f["path"]).is_file() for f in data["files"]):
+                    writers = data.get("writers") or sorted({f["writer"] for f in data["files"]})
+                    self._index(data["id"], [f["path"] for f in data["files"]], writers, offset)
+                offset += len(raw)
+
+    def _index(self, item_id: str, paths: list, writers: list, offset: int) -> None:
+        key = tuple(sorted(writers))
+        try:
+            code = self._writer_sets.index(key)
+        except ValueError:
+            code = len(self._writer_sets)
+            self._writer_sets.append(key)
+        self._done[item_id] = offset << 16 | code
+        for path in paths:
+            self._owners[_path_key(path)] = offset
+
+    def __len__(self) -> int:
+        """How many items are finished."""
+        return len(self._done)
 
     def is_done(self, item_id: str, writers=()) -> bool:
         """Finished, and stored by each of ``writers`` (a writer added to a job re-stores old items)."""
-        entry = self.entries.get(item_id)
-        return entry is not None and set(writers) <= set(entry.writers)
+        packed = self._done.get(item_id)
+        return packed is not None and set(writers) <= set(self._writer_sets[packed & 0xFFFF])
+
+    def entry(self, item_id: str) -> Entry | None:
+        """A finished item's manifest entry, read back from the manifest."""
+        packed = self._done.get(item_id)
+        return None if packed is None else self._entry_at(packed >> 16)
+
+    def _entry_at(self, offset: int) -> Entry:
+        with self._lock:
+            if self._reader is None:
+                self._reader = open(self.manifest_path, "rb")
+            self._reader.seek(offset)
+            data = json.loads(self._reader.readline())
+        writers = data.get("writers") or sorted({f["writer"] for f in data["files"]})
+        return Entry(data["id"], data["index"], data["files"], data.get("item", {}), data.get("seconds", 0.0),
+                     data.get("extra", {}), writers)
+
+    def _owner(self, relpath: str) -> str | None:
+        """The id of the finished item whose files include ``relpath``, if any."""
+        offset = self._owners.get(_path_key(relpath))
+        if offset is None:
+            return None
+        entry = self._entry_at(offset)
+        return entry.id if any(f["path"] == relpath for f in entry.files) else None
 
     def record(self, entry: Entry) -> None:
         """Append a finished item's manifest line (after its files are durable)."""
@@ -165,16 +207,15 @@ class OutputDir:
                            "seconds": round(entry.seconds, 4), "extra": entry.extra, "writers": entry.writers},
                           ensure_ascii=False, separators=(",", ":"))
         with self._lock:
-            with open(self.manifest_path, "a", encoding="utf-8") as handle:
+            with open(self.manifest_path, "ab") as handle:
                 if self._cut_line:  # a kill cut the last line: end it so ours stays readable
-                    handle.write("\n")
+                    handle.write(b"\n")
                     self._cut_line = False
-                handle.write(line + "\n")
+                offset = handle.seek(0, os.SEEK_END)
+                handle.write((line + "\n").encode("utf-8"))
                 handle.flush()
                 os.fsync(handle.fileno())
-            self.entries[entry.id] = entry
-            for f in entry.files:
-                self.owners[f["path"]] = entry.id
+            self._index(entry.id, [f["path"] for f in entry.files], entry.writers, offset)
 
     # -- files ------------------------------------------------------------------------
     def write_bytes(self, relpath: str, data: bytes, item_id: str, writer: str) -> FileRecord:
@@ -184,7 +225,7 @@ class OutputDir:
         target = self.root / relpath
         digest = hashlib.sha256(data).hexdigest()
         if target.exists():
-            owner = self.owners.get(relpath)
+            owner = self._owner(relpath)
             same = _sha256_file(target) == digest
             if not same and owner != item_id:
                 who = f"item {owner}" if owner else "a file not written by this job"
@@ -206,8 +247,9 @@ class OutputDir:
         """
         if _escapes(relpath):
             raise OutputConflict(f"output path {relpath!r} escapes the output folder")
-        if relpath in self.owners:
-            raise OutputConflict(f"{relpath} belongs to item {self.owners[relpath]}; choose another path")
+        owner = self._owner(relpath)
+        if owner is not None:
+            raise OutputConflict(f"{relpath} belongs to item {owner}; choose another path")
         target = self.root / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_name(f".{target.name}.{os.getpid()}{TEMP_MARK}{target.suffix}")
@@ -230,6 +272,11 @@ class OutputDir:
         for temp in self.root.rglob(f"*{TEMP_MARK}*"):
             if temp.is_file():
                 temp.unlink()
+
+
+def _path_key(relpath: str) -> int:
+    """A stable 64-bit key for a relative path (the index keeps these, not the strings)."""
+    return int.from_bytes(hashlib.blake2b(relpath.encode(), digest_size=8).digest(), "little")
 
 
 def atomic_write(target: Path, data: bytes) -> None:

@@ -88,7 +88,7 @@ class LocalExecutor:
         summary = Summary(total=total)
         writers = make_writers(job, self.context)
         finished = _finished_check(writers, out)
-        if out.entries or any(type(w).covers is not Writer.covers for w in writers):  # a fresh run skips the scan
+        if len(out) or any(type(w).covers is not Writer.covers for w in writers):  # a fresh run skips the scan
             summary.already_done = sum(1 for i in job.plan.items(0, total) if finished(i))
         if Path(job.filename).is_file():  # keep the job beside its outputs
             atomic_write(out.root / "job.yaml", Path(job.filename).read_bytes())
@@ -101,7 +101,7 @@ class LocalExecutor:
             sink.close()
             progress.close()
         sink.check()
-        entries = [out.entries[i.id] for i in job.plan.items(0, total) if i.id in out.entries]
+        entries = FinishedEntries(out, job.plan, total)
         for writer in writers:
             with plugin_errors(entries_of[writer.name], fatal=True):
                 summary.run_files += writer.finish(entries)
@@ -160,6 +160,19 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+class FinishedEntries:
+    """The finished items' manifest entries in plan order, read lazily (each pass walks the plan)."""
+
+    def __init__(self, out: OutputDir, plan, total: int):
+        self.out, self.plan, self.total = out, plan, total
+
+    def __iter__(self):
+        for item in self.plan.items(0, self.total):
+            entry = self.out.entry(item.id)
+            if entry is not None:
+                yield entry
 
 
 def _finished_check(writers: list, out: OutputDir):

@@ -169,7 +169,7 @@ def test_entry_whose_file_was_deleted_is_not_done(tmp_path):
     reopened = OutputDir(tmp_path)
     assert reopened.is_done("aaaa")
     assert not reopened.is_done("bbbb")
-    assert "b.png" not in reopened.owners
+    assert reopened._owner("b.png") is None and reopened._owner("a.png") == "aaaa"
 
 
 # ---------------------------------------------------------------- end to end
