@@ -101,14 +101,21 @@ class ControlConditioner(Conditioner):
 
     def check(self, options, job) -> list[str]:
         """A ControlNet whose config does not fit the job's model(s), found from config files alone."""
-        config = controlnet_config(options.controlnet)
-        if config is None:
-            return []  # a hub id not in the local cache: checked when it loads
         problems = []
-        for info in job.plan.models.values():
+        config = controlnet_config(options.controlnet)
+        location = resolve_controlnet(options.controlnet)
+        if config is None and _looks_local(location):
+            problems.append(f"ControlNet not found: {options.controlnet} (looked for {location}; a folder with "
+                            f"config.json, a .safetensors file, or a hub id such as lllyasviel/sd-controlnet-canny)")
+        for info in job.plan.models.values() if config is not None else ():  # a hub id is checked as it loads
             unet = _unet_config(info.location)
             if unet is not None:
                 problems += compatibility_problems(config, unet, options.controlnet, info.ref)
+        estimator = getattr(options, "estimator", None)
+        if estimator:
+            location = _estimator_location(estimator)
+            if _looks_local(location) and not Path(location).exists():
+                problems.append(f"{self.name} estimator not found: {estimator} (looked for {location})")
         if options.end <= options.start:
             problems.append(f"end ({options.end}) must be after start ({options.start})")
         return problems
@@ -174,6 +181,14 @@ def controlnet_config(ref: str) -> dict | None:
     return None
 
 
+def _looks_local(location: str) -> bool:
+    """A path rather than a hub id (org/name): absolute, relative with ./, a file suffix, or no slash."""
+    from sdbatch_plugins.models import HUB_ID
+
+    path = Path(location)
+    return path.is_absolute() or location.startswith(".") or path.suffix != "" or not HUB_ID.fullmatch(location)
+
+
 def _unet_config(location: str) -> dict | None:
     path = Path(location) / "unet" / "config.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -231,7 +246,7 @@ def _load_controlnet(location: str, allow_pickle: bool, model):
             net.load_state_dict(load_file(str(path)))
             return net
         return ControlNetModel.from_single_file(str(path), local_files_only=True)
-    if path.is_absolute() or location.startswith("."):
+    if _looks_local(location):
         raise ValueError(f"ControlNet not found: {location}")
     return ControlNetModel.from_pretrained(location, local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
 
@@ -310,14 +325,20 @@ class ImageConditioner(ControlConditioner):
 _ESTIMATORS: dict = {}
 
 
+def _estimator_location(ref: str) -> str:
+    """The built-in sdbatch-tiny-depth to its folder; anything else as given."""
+    from sdbatch.tiny import depth_estimator_path
+
+    return str(depth_estimator_path()) if ref == "sdbatch-tiny-depth" else ref
+
+
 def _estimator(kind: str, ref: str, device: str, allow_pickle: bool):
     """Depth and pose models, loaded once per worker."""
     from . import preprocessors
-    from sdbatch.tiny import depth_estimator_path
 
     key = (kind, ref, device)
     if key not in _ESTIMATORS:
-        location = str(depth_estimator_path()) if ref == "sdbatch-tiny-depth" else ref
+        location = _estimator_location(ref)
         loader = preprocessors.load_depth_estimator if kind == "depth" else preprocessors.load_pose_estimator
         _ESTIMATORS[key] = loader(location, device=device, allow_pickle=allow_pickle)
     return _ESTIMATORS[key]

@@ -236,3 +236,15 @@ conditioners:
     assert main(["run", str(path), "-o", str(out), "-q"]) != 0
     failure = json.loads((out / "failures.jsonl").read_text().splitlines()[0])
     assert "no person" in failure["error"].lower() and "threshold" in failure["error"]
+
+
+def test_a_missing_controlnet_or_estimator_is_a_validation_error(write_job, tiny_model, inputs, registry):
+    path = _job(write_job, tiny_model, f"""
+conditioners:
+  - text
+  - depth: {{image: {inputs / 'scene0.png'}, controlnet: ./no-such-net, estimator: ./no-such-dpt}}
+""")
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    text = str(error.value)
+    assert "ControlNet not found: ./no-such-net" in text and "depth estimator not found: ./no-such-dpt" in text
