@@ -58,11 +58,6 @@ class Config:
     unet_schedule_steps: int = 2500
     vpred_steps: int = 700
     vpred_lr: float = 4e-4
-    # Stage 2c: a longer v-prediction run at a lower peak LR, from where 2b stopped. Shape
-    # and position (the attributes that need the text to steer layout) kept improving
-    # when 2b's cosine ran out; this stage gives them the steps.
-    vpred2_steps: int = 2400
-    vpred2_lr: float = 3e-4
     decoder_steps: int = 500  # stage 3: decoder-only fine-tune on full images
     decoder_batch: int = 16
     decoder_lr: float = 3e-4
@@ -407,24 +402,8 @@ def _snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-# The parts of stage 2: (prediction type, checkpoint folder, generator stage id).
-PHASES = {
-    "eps": ("epsilon", "unet_ckpt", 2),
-    "v": ("v_prediction", "unet_v_ckpt", 4),
-    "v2": ("v_prediction", "unet_v2_ckpt", 6),
-}
-# Each later phase starts from the raw (non-EMA) weights where the one before stopped.
-PARENT_PHASE = {"v": "eps", "v2": "v"}
-# Loss-log and timing name of each phase.
-PHASE_NAMES = {"eps": "unet", "v": "unet_v", "v2": "unet_v2"}
-
-
-def _phase_settings(cfg: Config, phase: str):
-    """(steps, peak LR, LR schedule) of one part of stage 2."""
-    if phase == "eps":
-        return cfg.unet_steps, cfg.unet_lr, _lr_lambda(cfg.unet_schedule_steps)
-    steps, lr = (cfg.vpred_steps, cfg.vpred_lr) if phase == "v" else (cfg.vpred2_steps, cfg.vpred2_lr)
-    return steps, lr, _lr_lambda(steps, warmup=50)
+# The two parts of stage 2: (prediction type, checkpoint folder, generator stage id).
+PHASES = {"eps": ("epsilon", "unet_ckpt", 2), "v": ("v_prediction", "unet_v_ckpt", 4)}
 
 
 def train_unet(
@@ -432,21 +411,22 @@ def train_unet(
 ):
     """Stage 2: text encoder and UNet together on frozen-VAE latents, with caption dropout.
 
-    phase "eps" starts from random weights; "v" and "v2" continue from the raw (non-EMA)
-    weights where the phase before stopped, with a fresh optimizer, LR schedule and EMA.
+    phase "eps" starts from random weights; phase "v" continues from the raw (non-EMA)
+    weights where "eps" stopped, with a fresh optimizer, LR schedule and EMA.
     """
     from tqdm import tqdm
 
     prediction, folder_name, stage_id = PHASES[phase]
-    steps, lr, schedule = _phase_settings(cfg, phase)
+    steps, lr = (cfg.unet_steps, cfg.unet_lr) if phase == "eps" else (cfg.vpred_steps, cfg.vpred_lr)
+    schedule = _lr_lambda(cfg.unet_schedule_steps) if phase == "eps" else _lr_lambda(cfg.vpred_steps, warmup=50)
     mean, std, scaling = _cached_latents(vae, images, ckpt)
     vae.register_to_config(scaling_factor=scaling)
     ids = tokenize(tok, captions)
     empty = tokenize(tok, [""])[0]
     torch.manual_seed(cfg.seed + 1)
     text_encoder, unet = make_text_encoder(tok), make_unet()
-    if phase in PARENT_PHASE:
-        states = _ckpt_states(ckpt / PHASES[PARENT_PHASE[phase]][1])
+    if phase == "v":
+        states = _ckpt_states(ckpt / PHASES["eps"][1])
         text_encoder.load_state_dict(states["text_encoder"])
         unet.load_state_dict(states["unet"])
     noise_sched = make_noise_scheduler(prediction)
@@ -459,7 +439,7 @@ def train_unet(
     start = _load_ckpt(folder, modules, opt)
     sched.last_epoch = start - 1
     sched.step()
-    name = PHASE_NAMES[phase]
+    name = "unet" if phase == "eps" else "unet_v"
     elapsed = _stage_seconds(ckpt, name)
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=30)
@@ -666,7 +646,6 @@ def main(argv: list[str] | None = None) -> None:
         cfg.vae_steps = _ckpt_step(args.ckpt / "vae_ckpt")
         cfg.unet_steps = _ckpt_step(args.ckpt / "unet_ckpt")
         cfg.vpred_steps = _ckpt_step(args.ckpt / "unet_v_ckpt")
-        cfg.vpred2_steps = _ckpt_step(args.ckpt / "unet_v2_ckpt")
         cfg.decoder_steps = _ckpt_step(args.ckpt / "decoder_ckpt") if (args.ckpt / "decoder_ckpt").exists() else 0
     vae = train_vae(cfg, images, args.ckpt, log)
     vae.requires_grad_(False)
@@ -679,8 +658,7 @@ def main(argv: list[str] | None = None) -> None:
         preview_grid(tmp, args.ckpt / f"preview_{phase}_{step:05d}.png")
 
     train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="eps")
-    train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="v")
-    ema_te, ema_unet = train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="v2")
+    ema_te, ema_unet = train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="v")
     vae = train_decoder(cfg, vae, images, args.ckpt, log)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_training_record(args, cfg)
@@ -713,7 +691,6 @@ def _write_training_record(args, cfg: Config) -> None:
         "vae_steps_done": _ckpt_step(args.ckpt / "vae_ckpt"),
         "unet_steps_done": _ckpt_step(args.ckpt / "unet_ckpt"),
         "vpred_steps_done": _ckpt_step(args.ckpt / "unet_v_ckpt"),
-        "vpred2_steps_done": _ckpt_step(args.ckpt / "unet_v2_ckpt"),
         "decoder_steps_done": _ckpt_step(args.ckpt / "decoder_ckpt") if (args.ckpt / "decoder_ckpt").exists() else 0,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

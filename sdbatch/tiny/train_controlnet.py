@@ -5,8 +5,9 @@
 
 As ControlNet was trained (Zhang et al. 2023): the net starts as a copy of the trained
 U-Net's encoder with zero convolutions on its outputs; the base model (VAE, text encoder,
-U-Net) stays frozen; the loss is the base model's own (v-prediction, min-SNR weighted),
-with 10% of captions dropped so control alone also steers. Maps: the scenes' exact edge
+U-Net) stays frozen; the loss is plain v-prediction MSE over all timesteps (as ControlNet
+and SD 2 train; min-SNR weighting would all but ignore the high-noise steps where a control
+map must fix the layout), with 10% of captions dropped so control alone also steers. Maps: the scenes' exact edge
 map (what Canny finds on these flat-colour renders) and depth map (background far, the
 front shape nearest), as 3-channel images in 0..1. Fixed seeds, resumable checkpoints,
 a progress bar and a loss log, as train.py.
@@ -26,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sdbatch.tiny import controlnet_path, model_path, scenes
-from sdbatch.tiny.train import (LossLog, _load_ckpt, _lr_lambda, _save_ckpt, _snr_weights, _step_generator,
-                                encode_dataset, machine)
+from sdbatch.tiny.train import LossLog, _load_ckpt, _lr_lambda, _save_ckpt, _step_generator, encode_dataset, machine
 
 KINDS = ("canny", "depth")
 # Stage ids for the per-step generators (train.py uses 1-6).
@@ -40,11 +40,10 @@ class ControlConfig:
 
     seed: int = 0
     n_scenes: int = 30_000
-    steps: int = 700
+    steps: int = 1000
     batch: int = 32
     lr: float = 3e-4
     cfg_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
     checkpoint_every: int = 100
 
 
@@ -139,8 +138,7 @@ def train(kind: str, cfg: ControlConfig, model: Path, ckpt: Path, out: Path) -> 
         pred = unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample
         target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * _snr_weights(noise_sched, t, cfg.min_snr_gamma)).mean()
+        loss = F.mse_loss(pred, target)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
