@@ -151,9 +151,9 @@ def preprocessor_times() -> dict:
     times = {"canny 512x512": _time_ms(lambda: canny_map(photo)),
              "sdbatch-tiny-depth 64x64": _time_ms(lambda: depth_map(tiny, scene))}
     with torch.inference_mode():
-        hybrid = DPTForDepthEstimation(DPTConfig(is_hybrid=True, backbone_featmap_shape=[1, 1024, 24, 24])).eval()
+        dpt = DPTForDepthEstimation(DPTConfig()).eval()  # ViT-B/16 DPT, MiDaS v3's base size
         pixels = torch.randn(1, 3, 384, 384)
-        times["DPT-Hybrid (MiDaS) 384x384, random weights"] = _time_ms(lambda: hybrid(pixel_values=pixels), 2)
+        times["DPT ViT-B/16 (MiDaS v3) 384x384, random weights"] = _time_ms(lambda: dpt(pixel_values=pixels), 2)
         pose = VitPoseForPoseEstimation(VitPoseConfig()).eval()
         crop = torch.randn(1, 3, 256, 192)
         times["ViTPose-B 256x192, random weights"] = _time_ms(lambda: pose(pixel_values=crop), 3)
