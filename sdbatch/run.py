@@ -163,10 +163,19 @@ def _cuda_available() -> bool:
 
 
 class FinishedEntries:
-    """The finished items' manifest entries in plan order, read lazily (each pass walks the plan)."""
+    """The finished items' manifest entries in plan order, read lazily (each pass walks the plan).
+
+    Iterable any number of times, with len(); a writer that needs a list makes one itself.
+    """
 
     def __init__(self, out: OutputDir, plan, total: int):
         self.out, self.plan, self.total = out, plan, total
+        self._count = None
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(1 for item in self.plan.items(0, self.total) if self.out.is_done(item.id))
+        return self._count
 
     def __iter__(self):
         for item in self.plan.items(0, self.total):

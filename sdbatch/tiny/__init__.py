@@ -1,8 +1,10 @@
 """sdbatch-tiny: the project's own small Stable Diffusion, trained offline on procedural scenes.
 
 `model_path()` is the shipped diffusers folder (what a job that names no model renders with);
-`scenes` makes the training data; `classifier` scores generated images; `train` and
-`evaluate` rebuild and re-measure the model. Importing this package imports no torch.
+`controlnet_path(kind)` its canny and depth ControlNets, `depth_estimator_path()` a small DPT
+for the depth conditioner. `scenes` makes the training data; `classifier` scores generated
+images; `train`, `train_controlnet`, `train_depth`, `evaluate` and `evaluate_control` rebuild
+and re-measure them. Importing this package imports no torch.
 """
 
 from __future__ import annotations

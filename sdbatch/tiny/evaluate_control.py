@@ -6,8 +6,9 @@
   score is F1 between those edges and Canny of the generated image (1-pixel tolerance),
   with the canny ControlNet at scale 1 and, as the baseline, with the same prompt and
   seed and no ControlNet.
-- Depth order: held-out scenes with two overlapping shapes; the control map is the
-  sdbatch-tiny-depth estimate of the scene (the full depth chain); an image is right when
+- Depth order: held-out scenes with two overlapping shapes; the control map is the scene's
+  depth map (as a depth map made elsewhere) and, separately, the sdbatch-tiny-depth
+  estimate of the scene (the full chain); an image is right when
   the pixels where the shapes overlap take the front shape's colour (nearer to it than
   to the back shape's and the background's). Same baseline without control.
 - Preprocessor times: Canny at 512x512, the tiny DPT at 64x64, and DPT-Hybrid (MiDaS)
@@ -100,6 +101,8 @@ def _generate(pipe, prompts, seeds, settings, images=None, chunk: int = 25) -> l
 
 
 def evaluate(n: int, model: Path = model_path()) -> dict:
+    from PIL import Image
+
     from sdbatch_plugins.preprocessors import canny_map, depth_map, load_depth_estimator
 
     settings = defaults(model)
@@ -117,11 +120,15 @@ def evaluate(n: int, model: Path = model_path()) -> dict:
 
     estimator = load_depth_estimator(str(depth_estimator_path()))
     depth_scenes = held_out_scenes(n, two_overlapping=True)
-    depth_maps = [depth_map(estimator, s.pil()) for s in depth_scenes]
+    estimated = [depth_map(estimator, s.pil()) for s in depth_scenes]
+    given = [Image.fromarray(s.depth).convert("RGB") for s in depth_scenes]
     report["depth estimate orders front shape nearer"] = round(
-        float(np.mean([scenes.depth_orders_front(d, s) for d, s in zip(depth_maps, depth_scenes)])), 3)
+        float(np.mean([scenes.depth_orders_front(d, s) for d, s in zip(estimated, depth_scenes)])), 3)
     prompts = [s.caption for s in depth_scenes]
-    for name, images in (("with control", _generate(controlled["depth"], prompts, seeds, settings, depth_maps)),
+    for name, images in (("with control (scene depth map)", _generate(controlled["depth"], prompts, seeds, settings,
+                                                                      given)),
+                         ("with control (sdbatch-tiny-depth estimate)",
+                          _generate(controlled["depth"], prompts, seeds, settings, estimated)),
                          ("without control", _generate(plain, prompts, seeds, settings))):
         report[f"depth_order_accuracy {name}"] = round(
             float(np.mean([front_wins_overlap(img, s) for img, s in zip(images, depth_scenes)])), 3)
