@@ -73,3 +73,33 @@ def test_a_killed_worker_loses_no_item_and_duplicates_none(ray_cluster, write_jo
     assert summary.failed == 0 and summary.rendered == 16
     assert len(ids) == len(set(ids)) == 16 == len({item.id for item in job.plan})
     assert len(list((out / "dataset").glob("*_stats.json"))) == 4
+
+
+def test_controlnet_and_img2img_items_match_between_ray_and_local(ray_cluster, write_job, tiny_model, registry,
+                                                                  tmp_path):
+    from PIL import Image
+
+    from sdbatch.job import load_job
+    from sdbatch.ray_executor import RayExecutor
+    from sdbatch.run import LocalExecutor
+    from sdbatch.testmodel import build_tiny_controlnet
+    from sdbatch.tiny import scenes
+
+    net = build_tiny_controlnet(tiny_model, tmp_path / "cn", seed=1)
+    for i in range(2):
+        scenes.make_scene(i).pil().save(tmp_path / f"scene{i}.png")
+    job = load_job(write_job(f"""
+        model: {tiny_model}
+        steps: 4
+        batch_size: 2
+        conditioners:
+          - text
+          - canny: {{image: {tmp_path / 'scene1.png'}, controlnet: {net}}}
+          - img2img: {{image: {tmp_path / 'scene0.png'}, strength: 0.7}}
+        sweep: {{canny.scale: [0.5, 1.0], seed: [1, 2]}}
+        outputs: [png]
+    """), registry)
+    LocalExecutor(job, registry, tmp_path / "local", quiet=True).run()
+    RayExecutor(job, registry, tmp_path / "ray", workers=2, quiet=True).run()
+    assert _pngs(tmp_path / "local") == _pngs(tmp_path / "ray") and len(_pngs(tmp_path / "ray")) == 4
+    assert Image.open(next((tmp_path / "ray").rglob("*.png"))).size == (64, 64)
