@@ -53,6 +53,8 @@ class ControlConditioner(Conditioner):
     """Base of the ControlNet conditioners: input -> cached control map -> ControlNet residuals."""
 
     Options = ControlOptions
+    # One net per conditioner and batch: items that sweep the ControlNet never share a batch.
+    batch_options = ("controlnet", "allow_pickle")
 
     def preprocess(self, image, options, device: str):
         """The control map (RGB PIL image, same size) for an input already at the item's size."""

@@ -87,6 +87,19 @@ conditioners:
     assert not np.array_equal(a[0], _render(registry, first)[0])
 
 
+def test_items_that_sweep_the_controlnet_never_share_a_batch(write_job, tiny_model, tiny_controlnet, inputs,
+                                                             registry, tmp_path):
+    import shutil
+
+    other = shutil.copytree(tiny_controlnet, tmp_path / "other-cn")
+    job = load_job(_job(write_job, tiny_model, f"""
+conditioners: [text, {{image: {{image: {inputs / 'scene0.png'}, controlnet: {tiny_controlnet}}}}}]
+sweep: {{image.controlnet: [{tiny_controlnet}, {other}], image.scale: [0.5, 1.0]}}
+"""), registry)
+    keys = [item.batch_key() for item in job.plan]
+    assert keys[0] == keys[1] and keys[0] != keys[2] and keys[2] == keys[3]  # scale batches, the net does not
+
+
 def test_a_folder_is_one_item_per_image_and_ids_follow_content(write_job, tiny_model, tiny_controlnet, inputs,
                                                                registry):
     body = f"conditioners:\n  - text\n  - canny: {{image: {inputs}, controlnet: {tiny_controlnet}}}\n"
