@@ -20,11 +20,7 @@ from typing import Literal
 from sdbatch import hookimpl
 from sdbatch.api import Conditioner
 
-from .control import IMAGE_HELP, input_file, load_image
-
-
-def _m(**meta) -> dict:
-    return meta
+from .control import IMAGE_HELP, _m, input_file, load_image
 
 
 @dataclass
@@ -44,12 +40,18 @@ class Img2ImgConditioner(Conditioner):
     batch_options = ("strength",)
 
     def condition(self, items, options, model, state) -> None:
+        self.start_from_images(items, options, model, state)
+
+    def start_from_images(self, items, options, model, state) -> list:
+        """Encode each item's image as its starting latents; returns the images (at the item's size)."""
         from sdbatch.inversion import encode_image
 
-        for row, (item, opts) in enumerate(zip(items, options)):
-            image = load_image(input_file(item, opts.image), item.width, item.height, opts.resize)
+        images = [load_image(input_file(item, opts.image), item.width, item.height, opts.resize)
+                  for item, opts in zip(items, options)]
+        for row, image in enumerate(images):
             state.init_latents[row] = encode_image(model, image)
         state.denoise = options[0].strength
+        return images
 
 
 @dataclass
@@ -74,9 +76,9 @@ class InpaintConditioner(Img2ImgConditioner):
         import torch
         from PIL import Image, ImageFilter, ImageOps
 
-        super().condition(items, options, model, state)
+        originals = self.start_from_images(items, options, model, state)
         factor = model.vae_scale_factor
-        for row, (item, opts) in enumerate(zip(items, options)):
+        for row, (item, opts, original) in enumerate(zip(items, options, originals)):
             mask = load_image(input_file(item, opts.mask), item.width, item.height, opts.resize, mode="L")
             if opts.invert_mask:
                 mask = ImageOps.invert(mask)
@@ -86,7 +88,6 @@ class InpaintConditioner(Img2ImgConditioner):
             small = np.asarray(mask.resize(latent_size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
             state.inpaint_masks[row] = torch.from_numpy(small.clip(0, 1))[None]
             if opts.overlay:
-                original = load_image(input_file(item, opts.image), item.width, item.height, opts.resize)
                 state.finishers[row].append(_overlay(original, mask))
 
     def check(self, options, job) -> list[str]:

@@ -32,8 +32,12 @@ class _DepthScene:
         return Image.fromarray(self._depth).convert("RGB")
 
 
-def _zipped_job(write_job, scenes, folder, conditioner: str, extra: str = "", net: str = "") -> object:
-    """One item per scene (its caption as prompt, its image as control input) x control scale 0 and 1."""
+def _zipped_job(write_job, scenes, folder, conditioner: str, options: str | None = None,
+                axis: str = "scale: [0.0, 1.0]") -> object:
+    """One item per scene (its caption as prompt, its image as the conditioner's input) x one swept option.
+
+    ``options`` are the conditioner's other options (default: its sdbatch-tiny ControlNet).
+    """
     files = []
     for i, scene in enumerate(scenes):
         path = folder / f"scene{i:02d}.png"
@@ -41,13 +45,14 @@ def _zipped_job(write_job, scenes, folder, conditioner: str, extra: str = "", ne
         files.append(str(path))
     prompts = "".join(f'\n    - "{s.caption}"' for s in scenes)
     images = "".join(f"\n    - {f}" for f in files)
+    options = f", controlnet: sdbatch-tiny-{conditioner}" if options is None else options
     return write_job(f"""
 seed: 5
 conditioners:
   - text
-  - {conditioner}: {{image: {files[0]}, controlnet: {net or "sdbatch-tiny-" + conditioner}{extra}}}
+  - {conditioner}: {{image: {files[0]}{options}}}
 sweep:
-  {conditioner}.scale: [0.0, 1.0]
+  {conditioner}.{axis}
   prompt:{prompts}
   {conditioner}.image:{images}
 zip: [[prompt, {conditioner}.image]]
@@ -99,7 +104,8 @@ def test_depth_control_puts_the_front_shape_in_front(write_job, registry, tmp_pa
     """The depth ControlNet, given each scene's depth map as a map (the `image` conditioner)."""
     scenes = held_out_scenes(16, two_overlapping=True)
     maps = [_DepthScene(s) for s in scenes]
-    items, images = _images(registry, _zipped_job(write_job, maps, tmp_path, "image", net="sdbatch-tiny-depth"))
+    items, images = _images(registry, _zipped_job(write_job, maps, tmp_path, "image",
+                                                  ", controlnet: sdbatch-tiny-depth"))
     by_file = {f"scene{i:02d}.png": s for i, s in enumerate(scenes)}
     right = {0.0: [], 1.0: []}
     for item, image in zip(items, images):
@@ -116,10 +122,7 @@ def test_img2img_strength_decides_how_much_of_the_input_survives(write_job, regi
     from sdbatch_plugins.preprocessors import canny_map
 
     scenes = held_out_scenes(8)
-    path = _zipped_job(write_job, scenes, tmp_path, "img2img")
-    text = path.read_text().replace(", controlnet: sdbatch-tiny-img2img", "").replace(
-        "img2img.scale: [0.0, 1.0]", "img2img.strength: [0.3, 0.6, 0.9]")
-    path.write_text(text)
+    path = _zipped_job(write_job, scenes, tmp_path, "img2img", options="", axis="strength: [0.3, 0.6, 0.9]")
     items, images = _images(registry, path)
     f1, change = {}, {}
     for item, image in zip(items, images):

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from sdbatch.tiny import controlnet_path, model_path, scenes
-from sdbatch.tiny.train import LossLog, _load_ckpt, _lr_lambda, _save_ckpt, _step_generator, encode_dataset, machine
+from sdbatch.tiny.train import (LossLog, _cached_latents, _load_ckpt, _lr_lambda, _save_ckpt, _step_generator, machine,
+                                tokenize)
 
 KINDS = ("canny", "depth")
 # Stage ids for the per-step generators (train.py uses 1-6).
@@ -102,11 +103,10 @@ def train(kind: str, cfg: ControlConfig, model: Path, ckpt: Path, out: Path) -> 
                    lambda: scene_maps(cfg.n_scenes, kind, cfg.seed))
     base = load_base(model)
     vae, unet, text_encoder, tok, noise_sched = (base[k] for k in ("vae", "unet", "text_encoder", "tokenizer", "noise"))
-    mean, std = _cached_latents(vae, images, ckpt.parent)
-    scaling = vae.config.scaling_factor
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+    mean, std, _ = _cached_latents(vae, images, ckpt.parent)  # train.py's cache, shared when present
+    scaling = vae.config.scaling_factor  # the shipped model's, as the base U-Net was trained with
+    ids = tokenize(tok, captions)
+    empty = tokenize(tok, [""])[0]
     print(f"data: {len(images)} scenes and {kind} maps in {time.time() - t_data:.0f}s; machine: {machine()}",
           flush=True)
 
@@ -150,21 +150,6 @@ def train(kind: str, cfg: ControlConfig, model: Path, ckpt: Path, out: Path) -> 
             _save_ckpt(folder, step + 1, {"controlnet": net}, opt)
             (ckpt / "timing.json").write_text(json.dumps({"seconds": round(elapsed + time.time() - t0, 1)}))
     export(net, out, kind, cfg, ckpt)
-
-
-def _cached_latents(vae, images: np.ndarray, cache: Path):
-    """The scenes' VAE posterior (mean, std), shared with train.py's cache when it exists."""
-    from safetensors.torch import load_file, save_file
-
-    path = cache / "latents.safetensors"
-    if path.exists():
-        d = load_file(str(path))
-        return d["mean"], d["std"]
-    mean, std, _ = encode_dataset(vae, images)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({"mean": mean.contiguous(), "std": std.contiguous(),
-               "scaling": torch.tensor(vae.config.scaling_factor)}, str(path))
-    return mean, std
 
 
 def export(net, out: Path, kind: str, cfg: ControlConfig, ckpt: Path) -> None:
