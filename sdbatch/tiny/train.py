@@ -65,6 +65,16 @@ class Config:
     unet_lr: float = 8e-4
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # Stage 2c continues 2b with plain (unweighted) v-MSE and a token-identity loss on the
+    # text encoder: without it, words the UNet has not yet learned to use (position words,
+    # circle vs square) collapse to near-identical text states, so it never can.
+    tune_steps: int = 0
+    tune_lr: float = 4e-4
+    token_loss_weight: float = 0.1
+    # Stage 2d goes back to min-SNR weighting (which favours the mid-noise steps where
+    # shapes form), keeping the token-identity loss.
+    refine_steps: int = 0
+    refine_lr: float = 3e-4
     ema_decay: float = 0.998
     checkpoint_every: int = 200
     preview_every: int = 400
@@ -257,6 +267,21 @@ def _load_ckpt(folder: Path, modules: dict, optimizer) -> int:
     return json.loads((folder / "step.json").read_text())["step"]
 
 
+def resumable_optimizer(params, lr: float, weight_decay: float, schedule, folder: Path, modules: dict):
+    """AdamW and its LR schedule, restored from the checkpoint in `folder` if there is one.
+
+    Returns (optimizer, scheduler, first step). The schedule is placed at the restored step
+    directly, so a resumed run follows the same LR curve as an unbroken one.
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    start = _load_ckpt(folder, modules, opt)
+    sched.last_epoch = start
+    for group, base in zip(opt.param_groups, sched.base_lrs):
+        group["lr"] = base * schedule(start)
+    return opt, sched, start
+
+
 def _lr_lambda(total: int, warmup: int = 100):
     """Linear warm-up, then cosine decay to 10% of the peak."""
 
@@ -308,12 +333,8 @@ def train_vae(cfg: Config, images: np.ndarray, ckpt: Path, log: LossLog):
 
     torch.manual_seed(cfg.seed)
     vae = make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.vae_steps))
     folder = ckpt / "vae_ckpt"
-    start = _load_ckpt(folder, {"vae": vae}, opt)
-    sched.last_epoch = start - 1
-    sched.step()
+    opt, sched, start = resumable_optimizer(vae.parameters(), cfg.vae_lr, 0.0, _lr_lambda(cfg.vae_steps), folder, {"vae": vae})
     elapsed = _stage_seconds(ckpt, "vae")
     t0 = time.time()
     bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps, mininterval=30)
@@ -402,8 +423,44 @@ def _snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-# The two parts of stage 2: (prediction type, checkpoint folder, generator stage id).
-PHASES = {"eps": ("epsilon", "unet_ckpt", 2), "v": ("v_prediction", "unet_v_ckpt", 4)}
+@dataclass(frozen=True)
+class Phase:
+    """One part of stage 2: what it predicts, where it checkpoints, what it starts from."""
+
+    prediction: str
+    folder: str
+    stage_id: int  # generator stream, so each phase draws its own batches
+    source: str | None  # phase whose raw weights it continues (None: random init)
+    weighting: str  # "min_snr" or "uniform"
+    token_loss: bool  # add the text encoder's token-identity loss
+
+
+PHASES = {
+    "eps": Phase("epsilon", "unet_ckpt", 2, None, "min_snr", False),
+    "v": Phase("v_prediction", "unet_v_ckpt", 4, "eps", "min_snr", False),
+    "tune": Phase("v_prediction", "unet_tune_ckpt", 5, "v", "uniform", True),
+    "refine": Phase("v_prediction", "unet_refine_ckpt", 6, "tune", "min_snr", True),
+}
+
+
+def _phase_schedule(cfg: Config, phase: str) -> tuple[int, float, object]:
+    """(steps, peak LR, LR lambda) of a phase."""
+    if phase == "eps":
+        return cfg.unet_steps, cfg.unet_lr, _lr_lambda(cfg.unet_schedule_steps)
+    steps, lr = {"v": (cfg.vpred_steps, cfg.vpred_lr), "tune": (cfg.tune_steps, cfg.tune_lr)}.get(
+        phase, (cfg.refine_steps, cfg.refine_lr)
+    )
+    return steps, lr, _lr_lambda(steps, warmup=50)
+
+
+def token_identity_loss(head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Cross-entropy of each real token's id read back linearly from its final text state.
+
+    Keeps every caption word distinguishable at the text encoder's output (the UNet can only
+    learn to use what it can tell apart); the head is thrown away at export.
+    """
+    mask = ids != pad_id
+    return F.cross_entropy(head(hidden[mask]), ids[mask])
 
 
 def train_unet(
@@ -411,50 +468,54 @@ def train_unet(
 ):
     """Stage 2: text encoder and UNet together on frozen-VAE latents, with caption dropout.
 
-    phase "eps" starts from random weights; phase "v" continues from the raw (non-EMA)
-    weights where "eps" stopped, with a fresh optimizer, LR schedule and EMA.
+    phase "eps" starts from random weights; "v" and "tune" continue from the raw (non-EMA)
+    weights where their source phase stopped, with a fresh optimizer, LR schedule and EMA.
     """
     from tqdm import tqdm
 
-    prediction, folder_name, stage_id = PHASES[phase]
-    steps, lr = (cfg.unet_steps, cfg.unet_lr) if phase == "eps" else (cfg.vpred_steps, cfg.vpred_lr)
-    schedule = _lr_lambda(cfg.unet_schedule_steps) if phase == "eps" else _lr_lambda(cfg.vpred_steps, warmup=50)
+    spec = PHASES[phase]
+    steps, lr, schedule = _phase_schedule(cfg, phase)
     mean, std, scaling = _cached_latents(vae, images, ckpt)
     vae.register_to_config(scaling_factor=scaling)
     ids = tokenize(tok, captions)
     empty = tokenize(tok, [""])[0]
     torch.manual_seed(cfg.seed + 1)
     text_encoder, unet = make_text_encoder(tok), make_unet()
-    if phase == "v":
-        states = _ckpt_states(ckpt / PHASES["eps"][1])
+    head = torch.nn.Linear(text_encoder.config.hidden_size, len(tok))
+    if spec.source is not None:
+        states = _ckpt_states(ckpt / PHASES[spec.source].folder)
         text_encoder.load_state_dict(states["text_encoder"])
         unet.load_state_dict(states["unet"])
-    noise_sched = make_noise_scheduler(prediction)
+    noise_sched = make_noise_scheduler(spec.prediction)
     params = list(text_encoder.parameters()) + list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     ema_te, ema_unet = EMA(text_encoder, cfg.ema_decay), EMA(unet, cfg.ema_decay)
     modules = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_te, "ema_unet": ema_unet}
-    folder = ckpt / folder_name
-    start = _load_ckpt(folder, modules, opt)
-    sched.last_epoch = start - 1
-    sched.step()
-    name = "unet" if phase == "eps" else "unet_v"
+    if spec.token_loss:
+        params += list(head.parameters())
+        modules["token_head"] = head
+    folder = ckpt / spec.folder
+    opt, sched, start = resumable_optimizer(params, lr, 0.01, schedule, folder, modules)
+    name = {"eps": "unet", "v": "unet_v"}.get(phase, f"unet_{phase}")
     elapsed = _stage_seconds(ckpt, name)
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=30)
     for step in bar:
-        g = _step_generator(cfg.seed, stage_id, step)
+        g = _step_generator(cfg.seed, spec.stage_id, step)
         idx = torch.randint(0, len(mean), (cfg.unet_batch,), generator=g)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cfg_dropout
         tokens = torch.where(drop[:, None], empty[None], ids[idx])
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
-        pred = unet(noise_sched.add_noise(latents, noise, t), t, text_encoder(tokens)[0]).sample
-        target = noise if prediction == "epsilon" else noise_sched.get_velocity(latents, noise, t)
+        hidden = text_encoder(tokens)[0]
+        pred = unet(noise_sched.add_noise(latents, noise, t), t, hidden).sample
+        target = noise if spec.prediction == "epsilon" else noise_sched.get_velocity(latents, noise, t)
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * _snr_weights(noise_sched, t, cfg.min_snr_gamma)).mean()
+        if spec.weighting == "min_snr":
+            per_sample = per_sample * _snr_weights(noise_sched, t, cfg.min_snr_gamma)
+        loss = per_sample.mean()
+        if spec.token_loss:
+            loss = loss + cfg.token_loss_weight * token_identity_loss(head, hidden, tokens, tok.pad_token_id)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -488,12 +549,9 @@ def train_decoder(cfg: Config, vae, images: np.ndarray, ckpt: Path, log: LossLog
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.decoder_steps, warmup=50))
     folder = ckpt / "decoder_ckpt"
-    start = _load_ckpt(folder, {"vae": vae}, opt)
-    sched.last_epoch = start - 1
-    sched.step()
+    schedule = _lr_lambda(cfg.decoder_steps, warmup=50)
+    opt, sched, start = resumable_optimizer(params, cfg.decoder_lr, 0.0, schedule, folder, {"vae": vae})
     elapsed = _stage_seconds(ckpt, "decoder")
     t0 = time.time()
     vae.train()
@@ -646,19 +704,23 @@ def main(argv: list[str] | None = None) -> None:
         cfg.vae_steps = _ckpt_step(args.ckpt / "vae_ckpt")
         cfg.unet_steps = _ckpt_step(args.ckpt / "unet_ckpt")
         cfg.vpred_steps = _ckpt_step(args.ckpt / "unet_v_ckpt")
+        cfg.tune_steps = _ckpt_step(args.ckpt / "unet_tune_ckpt") if (args.ckpt / "unet_tune_ckpt").exists() else 0
+        cfg.refine_steps = _ckpt_step(args.ckpt / "unet_refine_ckpt") if (args.ckpt / "unet_refine_ckpt").exists() else 0
         cfg.decoder_steps = _ckpt_step(args.ckpt / "decoder_ckpt") if (args.ckpt / "decoder_ckpt").exists() else 0
     vae = train_vae(cfg, images, args.ckpt, log)
     vae.requires_grad_(False)
 
     def preview(step: int, phase: str) -> None:
         tmp = args.ckpt / "preview_model"
-        prediction, folder, _ = PHASES[phase]
-        states = _ckpt_states(args.ckpt / folder)
-        export(tmp, vae, tok, states["ema_text_encoder"], states["ema_unet"], fp16=False, prediction_type=prediction)
+        states = _ckpt_states(args.ckpt / PHASES[phase].folder)
+        export(tmp, vae, tok, states["ema_text_encoder"], states["ema_unet"], fp16=False, prediction_type=PHASES[phase].prediction)
         preview_grid(tmp, args.ckpt / f"preview_{phase}_{step:05d}.png")
 
     train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="eps")
     ema_te, ema_unet = train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="v")
+    for phase, steps in (("tune", cfg.tune_steps), ("refine", cfg.refine_steps)):
+        if steps:
+            ema_te, ema_unet = train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase=phase)
     vae = train_decoder(cfg, vae, images, args.ckpt, log)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_training_record(args, cfg)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from sdbatch.tiny import controlnet_path, model_path, scenes
-from sdbatch.tiny.train import (LossLog, _cached_latents, _load_ckpt, _lr_lambda, _save_ckpt, _step_generator, machine,
-                                tokenize)
+from sdbatch.tiny.train import (LossLog, _cached_latents, _lr_lambda, _save_ckpt, _step_generator, machine,
+                                resumable_optimizer, tokenize)
 
 KINDS = ("canny", "depth")
 # Stage ids for the per-step generators (train.py uses 1-6).
@@ -112,12 +112,9 @@ def train(kind: str, cfg: ControlConfig, model: Path, ckpt: Path, out: Path) -> 
 
     torch.manual_seed(cfg.seed + STAGE_IDS[kind])
     net = make_controlnet(unet, 2 ** (len(vae.config.block_out_channels) - 1)).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps, warmup=50))
+    schedule = _lr_lambda(cfg.steps, warmup=50)
     folder = ckpt / "ckpt"
-    start = _load_ckpt(folder, {"controlnet": net}, opt)
-    sched.last_epoch = start - 1
-    sched.step()
+    opt, sched, start = resumable_optimizer(net.parameters(), cfg.lr, 0.0, schedule, folder, {"controlnet": net})
     log = LossLog(ckpt / "loss_log.csv")
     elapsed = json.loads((ckpt / "timing.json").read_text())["seconds"] if (ckpt / "timing.json").exists() else 0.0
     t0 = time.time()
