@@ -91,3 +91,18 @@ def test_token_identity_loss_reads_back_words_and_ignores_padding():
     assert token_identity_loss(head, hidden, ids, pad) < 1e-6
     hidden[0, 1] = torch.nn.functional.one_hot(torch.tensor(7), 10).float() * 50  # a word read back wrong
     assert token_identity_loss(head, hidden, ids, pad) > 1.0
+
+
+def test_controlnet_training_refuses_a_checkpoint_of_another_base_model(tmp_path):
+    import json
+
+    from sdbatch.tiny.train_controlnet import _check_resumable
+
+    ckpt = tmp_path / "canny"
+    _check_resumable(ckpt, "new")  # nothing there yet: train afresh
+    (ckpt / "ckpt").mkdir(parents=True)
+    (ckpt / "ckpt" / "step.json").write_text('{"step": 1000}')
+    (ckpt / "config.json").write_text(json.dumps({"kind": "canny", "base": "old"}))
+    _check_resumable(ckpt, "old")  # same base: resume
+    with pytest.raises(SystemExit, match="another base model"):
+        _check_resumable(ckpt, "new")

@@ -113,17 +113,17 @@ def evaluate(
         result[name] = adherence(images, attrs)
         result[f"{name}_seconds"] = round(time.time() - start, 1)
         if grid is not None and name == "trained":
-            save_grid(images[:64], attrs[:64], grid)
+            save_grid(images[:16], attrs[:16], grid)
     return result
 
 
-def save_grid(images: np.ndarray, attrs: list[dict[str, str]], path: Path, cols: int = 8) -> None:
-    """Images in a grid PNG (x4 nearest), with the prompts in a .txt beside it."""
+def save_grid(images: np.ndarray, attrs: list[dict[str, str]], path: Path, cols: int = 8, scale: int = 2) -> None:
+    """Images in a grid PNG (nearest-neighbour upscaled), with the prompts in a .txt beside it."""
     from PIL import Image
 
     rows = len(images) // cols
     grid = np.concatenate([np.concatenate(list(images[r * cols : (r + 1) * cols]), 1) for r in range(rows)], 0)
-    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST).save(path)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
     path.with_suffix(".txt").write_text("\n".join(scenes.single_caption(**a) for a in attrs[: rows * cols]) + "\n")
 
 
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the random-weights baseline")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
-    parser.add_argument("--grid", type=Path, default=None, help="save the first 64 images as a PNG grid")
+    parser.add_argument("--grid", type=Path, default=None, help="save the first 16 images as a PNG grid (the model card's samples.png)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = evaluate(

@@ -16,6 +16,7 @@ a progress bar and a loss log, as train.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import time
@@ -92,11 +93,33 @@ def make_controlnet(unet, vae_factor: int):
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
 
 
+def base_fingerprint(model: Path) -> str:
+    """sha256 (16 hex digits) of the base U-Net's weights: a ControlNet belongs to one base model."""
+    digest = hashlib.sha256()
+    for path in sorted((model / "unet").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_resumable(ckpt: Path, base: str) -> None:
+    """Refuse to resume a checkpoint trained against another base model (it would export stale weights)."""
+    config = ckpt / "config.json"
+    if (ckpt / "ckpt" / "step.json").exists() and config.exists():
+        old = json.loads(config.read_text()).get("base")
+        if old != base:
+            raise SystemExit(
+                f"{ckpt} holds a ControlNet checkpoint trained against another base model ({old or 'unrecorded'}, "
+                f"now {base}); delete that folder or pass another --ckpt to train afresh"
+            )
+
+
 def train(kind: str, cfg: ControlConfig, model: Path, ckpt: Path, out: Path) -> None:
     from tqdm import tqdm
 
+    base_id = base_fingerprint(model)
+    _check_resumable(ckpt, base_id)
     ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "config.json").write_text(json.dumps({"kind": kind, **asdict(cfg)}, indent=2))
+    (ckpt / "config.json").write_text(json.dumps({"kind": kind, "base": base_id, **asdict(cfg)}, indent=2))
     t_data = time.time()
     images, captions = scenes.render_dataset(cfg.n_scenes, seed=cfg.seed)
     maps = _cached(ckpt.parent / f"maps-{kind}-{cfg.seed}-{cfg.n_scenes}.npy",
@@ -146,10 +169,10 @@ def train(kind: str, cfg: ControlConfig, model: Path, ckpt: Path, out: Path) -> 
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save_ckpt(folder, step + 1, {"controlnet": net}, opt)
             (ckpt / "timing.json").write_text(json.dumps({"seconds": round(elapsed + time.time() - t0, 1)}))
-    export(net, out, kind, cfg, ckpt)
+    export(net, out, kind, cfg, ckpt, base_id)
 
 
-def export(net, out: Path, kind: str, cfg: ControlConfig, ckpt: Path) -> None:
+def export(net, out: Path, kind: str, cfg: ControlConfig, ckpt: Path, base_id: str) -> None:
     """A diffusers ControlNet folder (fp16 safetensors) and its training record."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +180,7 @@ def export(net, out: Path, kind: str, cfg: ControlConfig, ckpt: Path) -> None:
     net.float()
     timing = json.loads((ckpt / "timing.json").read_text())
     record = {"command": f"python -m sdbatch.tiny.train_controlnet --kind {kind}", "kind": kind,
-              "config": asdict(cfg), "seconds": timing["seconds"], "machine": machine()}
+              "config": asdict(cfg), "base_unet_sha256": base_id, "seconds": timing["seconds"], "machine": machine()}
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.copy2(ckpt / "loss_log.csv", tmp / "loss_log.csv")
     shutil.rmtree(out, ignore_errors=True)
