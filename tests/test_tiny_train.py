@@ -46,6 +46,7 @@ def test_every_stage_runs_and_exports_a_plain_diffusers_pipeline(tmp_path):
     record = json.loads((model / "training.json").read_text())
     assert set(record["seconds"]) == {"vae", "unet", "unet_v", "unet_tune", "unet_refine", "decoder"}
     assert "cores" in record["machine"]
+    assert record["tune_steps_done"] == 3 and record["refine_steps_done"] == 2 and record["decoder_steps_done"] == 2
     log = (model / "loss_log.csv").read_text().splitlines()
     assert log[0] == "stage,step,loss,lr,seconds" and {row.split(",")[0] for row in log[1:]} >= {"vae", "unet_tune"}
     pipe = StableDiffusionPipeline.from_pretrained(str(model))

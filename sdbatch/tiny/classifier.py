@@ -130,6 +130,22 @@ def predict(model: SceneClassifier, images: np.ndarray, batch: int = 256) -> dic
     return out
 
 
+def shape_colour(image: np.ndarray, contrast: int = 60) -> str:
+    """The named colour nearest the median of the pixels unlike the image's corners (the shape).
+
+    A direct reading for one shape on a plain background, used beside the classifier: the
+    classifier learned clean renders and can misread a generated image's soft halo.
+    """
+    pixels = image.reshape(-1, 3).astype(int)
+    corners = image[[0, 0, -1, -1], [0, -1, 0, -1]].astype(int)
+    background = np.median(corners, axis=0)
+    shape = pixels[np.abs(pixels - background).sum(1) > contrast]
+    if not len(shape):
+        return "none"
+    median = np.median(shape, axis=0)
+    return min(scenes.COLOURS, key=lambda name: float(((np.array(scenes.COLOURS[name]) - median) ** 2).sum()))
+
+
 def held_out_accuracy(model: SceneClassifier, n: int = 2000) -> dict[str, float]:
     """Per-attribute accuracy on n one-shape scenes from seeds training never used."""
     images, labels = single_batch(np.random.default_rng(HELD_OUT_SEED), n)

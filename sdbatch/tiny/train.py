@@ -4,12 +4,16 @@ Stage 1 trains the AutoencoderKL on pixels. Stage 2 freezes it, encodes the data
 trains the CLIP text encoder and the UNet together on those latents, dropping 10% of captions
 so classifier-free guidance works: 2a predicts epsilon, 2b continues from 2a's weights with
 v-prediction (epsilon alone left the high-noise steps, where background and layout are
-decided, ignoring the prompt). Stage 3 fine-tunes only the VAE decoder on whole images; the
-encoder, hence the latent space the UNet learned, stays fixed. The export writes a standard
-diffusers Stable Diffusion folder that `StableDiffusionPipeline.from_pretrained(path)` loads
-with no code of ours.
+decided, ignoring the prompt), 2c adds a token-identity loss that keeps every caption word
+distinguishable at the text encoder's output (without it the position words collapsed and
+position stayed at chance) with plain v-MSE, and 2d returns to min-SNR weighting, where
+shapes sharpen. Stage 3 fine-tunes only the VAE decoder on whole images; the encoder, hence
+the latent space the UNet learned, stays fixed. The export writes a standard diffusers Stable
+Diffusion folder that `StableDiffusionPipeline.from_pretrained(path)` loads with no code of
+ours.
 
-The documented command (about 90 minutes on one core of a 2-core CPU; see model/README.md):
+The documented command (about 2.5 hours of stage time on one thread, under 2 with
+--threads 2 on an otherwise idle 2-core CPU; see model/README.md):
 
     python -m sdbatch.tiny.train --out sdbatch/tiny/model
 
@@ -68,12 +72,12 @@ class Config:
     # Stage 2c continues 2b with plain (unweighted) v-MSE and a token-identity loss on the
     # text encoder: without it, words the UNet has not yet learned to use (position words,
     # circle vs square) collapse to near-identical text states, so it never can.
-    tune_steps: int = 0
+    tune_steps: int = 1000
     tune_lr: float = 4e-4
     token_loss_weight: float = 0.1
     # Stage 2d goes back to min-SNR weighting (which favours the mid-noise steps where
     # shapes form), keeping the token-identity loss.
-    refine_steps: int = 0
+    refine_steps: int = 2000
     refine_lr: float = 3e-4
     ema_decay: float = 0.998
     checkpoint_every: int = 200
@@ -620,7 +624,7 @@ def export(out: Path, vae, tok, te_state: dict, unet_state: dict, fp16: bool, pr
         src = Path(tok.name_or_path) / name
         if src.exists():
             shutil.copy2(src, tmp / "tokenizer" / name)
-    for extra in ("sdbatch.json", "README.md", "training.json", "loss_log.csv", "evaluation.json"):
+    for extra in ("sdbatch.json", "README.md", "training.json", "loss_log.csv", "evaluation.json", "samples.png", "samples.txt"):
         if (out / extra).exists():  # keep files written after training (defaults, card, eval)
             shutil.copy2(out / extra, tmp / extra)
     shutil.rmtree(out, ignore_errors=True)
@@ -700,13 +704,9 @@ def main(argv: list[str] | None = None) -> None:
     tok = build_tokenizer(args.ckpt / "tokenizer")
     print(f"dataset: {len(images)} scenes in {time.time() - t_data:.0f}s; machine: {machine()}", flush=True)
 
-    if args.export_only:
-        cfg.vae_steps = _ckpt_step(args.ckpt / "vae_ckpt")
-        cfg.unet_steps = _ckpt_step(args.ckpt / "unet_ckpt")
-        cfg.vpred_steps = _ckpt_step(args.ckpt / "unet_v_ckpt")
-        cfg.tune_steps = _ckpt_step(args.ckpt / "unet_tune_ckpt") if (args.ckpt / "unet_tune_ckpt").exists() else 0
-        cfg.refine_steps = _ckpt_step(args.ckpt / "unet_refine_ckpt") if (args.ckpt / "unet_refine_ckpt").exists() else 0
-        cfg.decoder_steps = _ckpt_step(args.ckpt / "decoder_ckpt") if (args.ckpt / "decoder_ckpt").exists() else 0
+    if args.export_only:  # every stage stops where its checkpoint is
+        for field, steps in _steps_done(args.ckpt).items():
+            setattr(cfg, field, steps)
     vae = train_vae(cfg, images, args.ckpt, log)
     vae.requires_grad_(False)
 
@@ -730,9 +730,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exported {args.out}", flush=True)
 
 
-def _ckpt_step(folder: Path) -> int:
-    """The step a checkpoint folder was saved at."""
-    return json.loads((folder / "step.json").read_text())["step"]
+# Config field with a stage's step count -> that stage's checkpoint folder.
+STAGE_CKPTS = {
+    "vae_steps": "vae_ckpt",
+    **{field: PHASES[phase].folder for phase, field in
+       (("eps", "unet_steps"), ("v", "vpred_steps"), ("tune", "tune_steps"), ("refine", "refine_steps"))},
+    "decoder_steps": "decoder_ckpt",
+}
+
+
+def _steps_done(ckpt: Path) -> dict[str, int]:
+    """Steps each stage's checkpoint was saved at (0 for a stage not started)."""
+    done = {}
+    for field, folder in STAGE_CKPTS.items():
+        step_file = ckpt / folder / "step.json"
+        done[field] = json.loads(step_file.read_text())["step"] if step_file.exists() else 0
+    return done
 
 
 def _ckpt_states(folder: Path) -> dict[str, dict]:
@@ -750,10 +763,7 @@ def _write_training_record(args, cfg: Config) -> None:
         "config": vars(cfg),
         "seconds": timing,
         "machine": machine(),
-        "vae_steps_done": _ckpt_step(args.ckpt / "vae_ckpt"),
-        "unet_steps_done": _ckpt_step(args.ckpt / "unet_ckpt"),
-        "vpred_steps_done": _ckpt_step(args.ckpt / "unet_v_ckpt"),
-        "decoder_steps_done": _ckpt_step(args.ckpt / "decoder_ckpt") if (args.ckpt / "decoder_ckpt").exists() else 0,
+        **{f"{field}_done": steps for field, steps in _steps_done(args.ckpt).items()},
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.copy2(args.ckpt / "loss_log.csv", args.out / "loss_log.csv")
