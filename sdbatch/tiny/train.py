@@ -12,8 +12,8 @@ the latent space the UNet learned, stays fixed. The export writes a standard dif
 Diffusion folder that `StableDiffusionPipeline.from_pretrained(path)` loads with no code of
 ours.
 
-The documented command (about 2.5 hours of stage time on one thread, under 2 with
---threads 2 on an otherwise idle 2-core CPU; see model/README.md):
+The documented command (2.5 hours of stage time on one thread, about 2 with --threads 2 on
+an otherwise idle 2-core CPU; see model/README.md):
 
     python -m sdbatch.tiny.train --out sdbatch/tiny/model
 
