@@ -100,10 +100,13 @@ def test_controlnet_training_refuses_a_checkpoint_of_another_base_model(tmp_path
     from sdbatch.tiny.train_controlnet import _check_resumable
 
     ckpt = tmp_path / "canny"
-    _check_resumable(ckpt, "new")  # nothing there yet: train afresh
+    settings = {"steps": 1000, "cfg_dropout": 0.5}
+    _check_resumable(ckpt, "new", settings)  # nothing there yet: train afresh
     (ckpt / "ckpt").mkdir(parents=True)
     (ckpt / "ckpt" / "step.json").write_text('{"step": 1000}')
-    (ckpt / "config.json").write_text(json.dumps({"kind": "canny", "base": "old"}))
-    _check_resumable(ckpt, "old")  # same base: resume
+    (ckpt / "config.json").write_text(json.dumps({"kind": "canny", "base": "old", **settings}))
+    _check_resumable(ckpt, "old", settings)  # same base and settings: resume
     with pytest.raises(SystemExit, match="another base model"):
-        _check_resumable(ckpt, "new")
+        _check_resumable(ckpt, "new", settings)
+    with pytest.raises(SystemExit, match=r"other settings \(cfg_dropout\)"):
+        _check_resumable(ckpt, "old", {**settings, "cfg_dropout": 0.1})
