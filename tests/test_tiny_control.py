@@ -32,6 +32,14 @@ class _DepthScene:
         return Image.fromarray(self._depth).convert("RGB")
 
 
+def _known_regression(measured: str):
+    """Strict xfail for a ControlNet claim the retrained sdbatch-tiny no longer shows (README)."""
+    return pytest.mark.xfail(strict=True, reason=(
+        "Known regression since sdbatch-tiny learned position from text (session 3): its captions now set "
+        f"the layout these ControlNets were trained to add. {measured} "
+        "The ControlNets need retraining and a layout-free evaluation."))
+
+
 def _zipped_job(write_job, scenes, folder, conditioner: str, options: str | None = None,
                 axis: str = "scale: [0.0, 1.0]") -> object:
     """One item per scene (its caption as prompt, its image as the conditioner's input) x one swept option.
@@ -86,11 +94,8 @@ def test_the_tiny_depth_estimator_finds_the_shape_in_front_of_the_background():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "Known regression since sdbatch-tiny learned position from text (session 3): its captions "
-    "now set the layout these ControlNets were trained to add. Measured on 8 scenes: F1 0.54 with "
-    "control vs 0.50 without. With an empty prompt the net still steers (0.21 vs 0.11 on 16). "
-    "The ControlNets need retraining and a layout-free evaluation."))
+@_known_regression("Measured on 8 scenes: F1 0.54 with control vs 0.50 without. With an empty prompt "
+                   "the net still steers (0.21 vs 0.11 on 16).")
 def test_canny_control_makes_the_picture_follow_the_edges(write_job, registry, tmp_path):
     from sdbatch_plugins.preprocessors import canny_map
 
@@ -105,11 +110,7 @@ def test_canny_control_makes_the_picture_follow_the_edges(write_job, registry, t
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "Known regression since sdbatch-tiny learned position from text (session 3): its captions "
-    "now set the layout these ControlNets were trained to add. Measured on 16 scenes: front shape "
-    "right in 50% with control vs 37.5% without. "
-    "The ControlNets need retraining and a layout-free evaluation."))
+@_known_regression("Measured on 16 scenes: front shape right in 50% with control vs 37.5% without.")
 def test_depth_control_puts_the_front_shape_in_front(write_job, registry, tmp_path):
     """The depth ControlNet, given each scene's depth map as a map (the `image` conditioner)."""
     scenes = held_out_scenes(16, two_overlapping=True)

@@ -431,29 +431,34 @@ def _snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
 class Phase:
     """One part of stage 2: what it predicts, where it checkpoints, what it starts from."""
 
+    name: str  # progress bar, loss log and timing.json key
     prediction: str
     folder: str
     stage_id: int  # generator stream, so each phase draws its own batches
     source: str | None  # phase whose raw weights it continues (None: random init)
     weighting: str  # "min_snr" or "uniform"
     token_loss: bool  # add the text encoder's token-identity loss
+    steps_field: str  # the Config fields with its step count and peak LR
+    lr_field: str
 
 
 PHASES = {
-    "eps": Phase("epsilon", "unet_ckpt", 2, None, "min_snr", False),
-    "v": Phase("v_prediction", "unet_v_ckpt", 4, "eps", "min_snr", False),
-    "tune": Phase("v_prediction", "unet_tune_ckpt", 5, "v", "uniform", True),
-    "refine": Phase("v_prediction", "unet_refine_ckpt", 6, "tune", "min_snr", True),
+    "eps": Phase("unet", "epsilon", "unet_ckpt", 2, None, "min_snr", False, "unet_steps", "unet_lr"),
+    "v": Phase("unet_v", "v_prediction", "unet_v_ckpt", 4, "eps", "min_snr", False, "vpred_steps", "vpred_lr"),
+    "tune": Phase("unet_tune", "v_prediction", "unet_tune_ckpt", 5, "v", "uniform", True, "tune_steps", "tune_lr"),
+    "refine": Phase(
+        "unet_refine", "v_prediction", "unet_refine_ckpt", 6, "tune", "min_snr", True, "refine_steps", "refine_lr"
+    ),
 }
+OPTIONAL_PHASES = ("tune", "refine")  # run only when their step count is not 0
 
 
 def _phase_schedule(cfg: Config, phase: str) -> tuple[int, float, object]:
     """(steps, peak LR, LR lambda) of a phase."""
-    if phase == "eps":
-        return cfg.unet_steps, cfg.unet_lr, _lr_lambda(cfg.unet_schedule_steps)
-    steps, lr = {"v": (cfg.vpred_steps, cfg.vpred_lr), "tune": (cfg.tune_steps, cfg.tune_lr)}.get(
-        phase, (cfg.refine_steps, cfg.refine_lr)
-    )
+    spec = PHASES[phase]
+    steps, lr = getattr(cfg, spec.steps_field), getattr(cfg, spec.lr_field)
+    if phase == "eps":  # a cosine laid out over more steps than it runs (see Config)
+        return steps, lr, _lr_lambda(cfg.unet_schedule_steps)
     return steps, lr, _lr_lambda(steps, warmup=50)
 
 
@@ -472,8 +477,9 @@ def train_unet(
 ):
     """Stage 2: text encoder and UNet together on frozen-VAE latents, with caption dropout.
 
-    phase "eps" starts from random weights; "v" and "tune" continue from the raw (non-EMA)
-    weights where their source phase stopped, with a fresh optimizer, LR schedule and EMA.
+    phase "eps" starts from random weights; every other phase continues from the raw
+    (non-EMA) weights where its source phase stopped, with a fresh optimizer, LR schedule
+    and EMA.
     """
     from tqdm import tqdm
 
@@ -485,7 +491,6 @@ def train_unet(
     empty = tokenize(tok, [""])[0]
     torch.manual_seed(cfg.seed + 1)
     text_encoder, unet = make_text_encoder(tok), make_unet()
-    head = torch.nn.Linear(text_encoder.config.hidden_size, len(tok))
     if spec.source is not None:
         states = _ckpt_states(ckpt / PHASES[spec.source].folder)
         text_encoder.load_state_dict(states["text_encoder"])
@@ -495,11 +500,12 @@ def train_unet(
     ema_te, ema_unet = EMA(text_encoder, cfg.ema_decay), EMA(unet, cfg.ema_decay)
     modules = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_te, "ema_unet": ema_unet}
     if spec.token_loss:
+        head = torch.nn.Linear(text_encoder.config.hidden_size, len(tok))
         params += list(head.parameters())
         modules["token_head"] = head
     folder = ckpt / spec.folder
     opt, sched, start = resumable_optimizer(params, lr, 0.01, schedule, folder, modules)
-    name = {"eps": "unet", "v": "unet_v"}.get(phase, f"unet_{phase}")
+    name = spec.name
     elapsed = _stage_seconds(ckpt, name)
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=30)
@@ -712,14 +718,15 @@ def main(argv: list[str] | None = None) -> None:
 
     def preview(step: int, phase: str) -> None:
         tmp = args.ckpt / "preview_model"
-        states = _ckpt_states(args.ckpt / PHASES[phase].folder)
-        export(tmp, vae, tok, states["ema_text_encoder"], states["ema_unet"], fp16=False, prediction_type=PHASES[phase].prediction)
+        spec = PHASES[phase]
+        states = _ckpt_states(args.ckpt / spec.folder)
+        export(tmp, vae, tok, states["ema_text_encoder"], states["ema_unet"], fp16=False, prediction_type=spec.prediction)
         preview_grid(tmp, args.ckpt / f"preview_{phase}_{step:05d}.png")
 
     train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="eps")
     ema_te, ema_unet = train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase="v")
-    for phase, steps in (("tune", cfg.tune_steps), ("refine", cfg.refine_steps)):
-        if steps:
+    for phase in OPTIONAL_PHASES:
+        if getattr(cfg, PHASES[phase].steps_field):
             ema_te, ema_unet = train_unet(cfg, vae, tok, captions, images, args.ckpt, log, preview, phase=phase)
     vae = train_decoder(cfg, vae, images, args.ckpt, log)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -733,8 +740,7 @@ def main(argv: list[str] | None = None) -> None:
 # Config field with a stage's step count -> that stage's checkpoint folder.
 STAGE_CKPTS = {
     "vae_steps": "vae_ckpt",
-    **{field: PHASES[phase].folder for phase, field in
-       (("eps", "unet_steps"), ("v", "vpred_steps"), ("tune", "tune_steps"), ("refine", "refine_steps"))},
+    **{spec.steps_field: spec.folder for spec in PHASES.values()},
     "decoder_steps": "decoder_ckpt",
 }
 
