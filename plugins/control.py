@@ -218,7 +218,7 @@ def load_controlnet(ref: str, model, allow_pickle: bool = False):
             raise ValueError("; ".join(problems))
         net = net.to(model.device, model.dtype).eval().requires_grad_(False)
         if str(model.device) == "cpu":
-            from sdbatch.render import make_rows_independent
+            from sdbatch.rows import make_rows_independent
 
             make_rows_independent(net)
         cache[ref] = net

@@ -18,6 +18,7 @@ from .api import Item
 from .latents import initial_noise, item_generator
 from .models import Model, ModelCache, resolve_device
 from .plugins import plugin_errors
+from .rows import make_rows_independent, row_independent_kernels
 
 
 @dataclass
@@ -168,7 +169,7 @@ class Renderer:
         step_kwargs = _step_kwargs(scheduler, generators)
         _seed_noise_sampler(scheduler, items)
         inpaint = _Inpaint.of(cond, model, latents)
-        with _row_independent_kernels(model):
+        with row_independent_kernels(model.device):
             for step, t in enumerate(timesteps):
                 for row, (at_step, delta) in cond.latent_edits.items():
                     if at_step == step:  # an edit moves this row's x_t, then sampling goes on from there
@@ -286,36 +287,6 @@ class _Inpaint:
         else:
             known = scheduler.add_noise(self.clean, noise.to(latents.device, latents.dtype), next_t.repeat(len(latents)))
         return (1 - self.masks) * known + self.masks * latents
-
-
-class _RowwiseLinear(torch.nn.Linear):
-    """A Linear whose 2-D inputs are multiplied one row at a time.
-
-    CPU BLAS picks different kernels for 1 row and for several (the U-Net's time
-    embeddings are (batch, features)), which changes the last bits of every row;
-    per-row products cost nothing at that size and make rows independent of their batch.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] > 1:
-            return torch.cat([torch.nn.functional.linear(row[None], self.weight, self.bias) for row in x])
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-
-
-def make_rows_independent(module: torch.nn.Module) -> None:
-    """Swap plain Linear layers for _RowwiseLinear (same weights, same results per row)."""
-    for child in module.modules():
-        if type(child) is torch.nn.Linear:
-            child.__class__ = _RowwiseLinear
-
-
-def _row_independent_kernels(model: Model):
-    """On CPU, oneDNN convolutions choose algorithms by batch size; ATen's own are per sample."""
-    import contextlib
-
-    if str(model.device) != "cpu":
-        return contextlib.nullcontext()
-    return torch.backends.mkldnn.flags(enabled=False)
 
 
 def _step_kwargs(scheduler, generators) -> dict:
