@@ -24,7 +24,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sdbatch.testmodel import BOS, EOS, WORDS, _tiny_text_encoder, _tiny_vae, build_bpe, write_tokenizer
+from sdbatch.testmodel import BOS, EOS, SD_TRAINING_BETAS, WORDS, _tiny_text_encoder, _tiny_vae, build_bpe, write_tokenizer
 
 #: ``sdbatch.json`` defaults per family. The flow-matching families name no sampler: their
 #: scheduler folder holds the one they were built with.
@@ -198,10 +198,7 @@ def _sdxl_scheduler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **SD_TRAINING_BETAS,
         steps_offset=1,
         timestep_spacing="leading",
         interpolation_type="linear",
@@ -241,6 +238,12 @@ def _flux_scheduler():
 CLIP_L_WIDTH, CLIP_G_WIDTH, T5_WIDTH = 32, 48, 96
 #: CLIP-G layers: 10, so diffusers' SDXL detection key (``resblocks.9``) exists in the single file.
 CLIP_G_LAYERS = 10
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float):
+    """The 16-channel VAE of SD3 and FLUX.1 (scale factor 8, no quant convs), with the family's latent scaling and shift."""
+    return _tiny_vae(4, latent_channels=16, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                     use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _seeded(seed: int, make):
@@ -325,9 +328,7 @@ def build_tiny_sd3(folder, seed: int = 0, single_file=None) -> Path:
     vocab, _ = build_bpe()
 
     def make():
-        # SD3's VAE: 16 channels, scaling and shift, no quant convs
-        vae = _tiny_vae(4, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
-                        use_quant_conv=False, use_post_quant_conv=False)
+        vae = _flow_vae(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's
         text_encoder = _clip_l_with_projection(vocab)
         text_encoder_2 = _clip_g(vocab, CLIP_G_WIDTH, 2)
         text_encoder_3 = _tiny_t5(len(_t5_vocab()), T5_WIDTH)
@@ -367,8 +368,7 @@ def build_tiny_flux(folder, seed: int = 0, single_file=None) -> Path:
     vocab, _ = build_bpe()
 
     def make():
-        vae = _tiny_vae(4, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
-                        use_quant_conv=False, use_post_quant_conv=False)
+        vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's
         text_encoder = _tiny_text_encoder(vocab)
         text_encoder_2 = _tiny_t5(len(_t5_vocab()), T5_WIDTH)
         transformer = _flux_transformer(T5_WIDTH, CLIP_L_WIDTH)

@@ -199,15 +199,16 @@ def _tiny_text_encoder(vocab: dict[str, int]):
     return CLIPTextModel(config).eval()
 
 
+#: The noise schedule SD 1.x and SDXL were trained with.
+SD_TRAINING_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
 def _sd1_scheduler():
     """PNDM with the Stable Diffusion 1.x training schedule (as shipped in SD 1.5's scheduler/)."""
     from diffusers import PNDMScheduler
 
     return PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **SD_TRAINING_BETAS,
         skip_prk_steps=True,
         set_alpha_to_one=False,
         steps_offset=1,

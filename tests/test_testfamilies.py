@@ -111,12 +111,18 @@ def test_renders_deterministically(family):
     assert not (_render(pipe, prompt="a green tree") == image).all()  # the prompt reaches the denoiser
 
 
-def test_sd3_loads_and_renders_without_t5(tiny_sd3):
+def test_sd3_loads_and_renders_without_t5(tiny_sd3, tiny_sd3_single_file):
     without = _load("sd3", tiny_sd3, text_encoder_3=None, tokenizer_3=None)
     assert without.text_encoder_3 is None
     image = _render(without)
     assert image.shape == (1, 64, 64, 3)
     assert not (image == _render(_load("sd3", tiny_sd3))).all()  # T5 contributes when present
+    # the single file, T5 dropped the same way, renders the same pixels
+    single = _realigned(diffusers.StableDiffusion3Pipeline.from_single_file(
+        tiny_sd3_single_file, config=str(tiny_sd3), local_files_only=True, torch_dtype=torch.float32,
+        text_encoder_3=None, tokenizer_3=None))
+    assert single.text_encoder_3 is None
+    assert (_render(single) == image).all()
 
 
 def test_same_seed_same_bytes_via_cli(tiny_sdxl, tiny_sdxl_single_file, tmp_path):
