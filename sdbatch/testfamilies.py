@@ -272,6 +272,7 @@ def _clip_tokenizer(tmp: Path, pad: str = EOS):
 
 
 def _t5_tokenizer(tmp: Path, max_length: int):
+    """The offline T5 tokenizer, written to ``tmp`` and loaded back."""
     from transformers import T5Tokenizer
 
     return T5Tokenizer.from_pretrained(write_t5_tokenizer(tmp, max_length=max_length))

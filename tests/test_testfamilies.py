@@ -132,6 +132,14 @@ def test_same_seed_same_bytes_via_cli(tiny_sdxl, tiny_sdxl_single_file, tmp_path
     assert (tmp_path / "again.safetensors").read_bytes() == tiny_sdxl_single_file.read_bytes()
 
 
+def test_make_test_model_command_builds_each_family(tmp_path, capsys):
+    from sdbatch.cli import main as sdbatch_main
+
+    assert sdbatch_main(["make-test-model", str(tmp_path / "sd3"), "--family", "sd3", "--seed", "2"]) == 0
+    assert json.loads((tmp_path / "sd3" / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    assert "tiny sd3 test model written to" in capsys.readouterr().out
+
+
 def test_other_seed_other_weights(tiny_flux, tmp_path):
     from sdbatch.testfamilies import build_tiny_flux
 
