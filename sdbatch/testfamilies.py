@@ -344,13 +344,13 @@ def build_tiny_sd3(folder, seed: int = 0, single_file=None) -> Path:
         scheduler=_sd3_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=_clip_tokenizer(folder / "tokenizer", pad="!"),
+        tokenizer=_clip_tokenizer(folder / "tokenizer"),
         text_encoder_2=text_encoder_2,
         tokenizer_2=_clip_tokenizer(folder / "tokenizer_2", pad="!"),
         text_encoder_3=text_encoder_3,
         tokenizer_3=_t5_tokenizer(folder / "tokenizer_3", max_length=256),
     )
-    _save(pipe, folder, "sd3", {"tokenizer": "!", "tokenizer_2": "!"})
+    _save(pipe, folder, "sd3", {"tokenizer": EOS, "tokenizer_2": "!"})  # as SD3's reference code pads
     return _single_file(folder, single_file)
 
 

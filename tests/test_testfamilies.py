@@ -159,11 +159,13 @@ def test_t5_tokenizer(tiny_sd3):
     assert tokenizer.decode(ids, skip_special_tokens=True) == PROMPT
 
 
-def test_sdxl_second_tokenizer_pads_with_exclamation_mark(tiny_sdxl):
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_clip_g_tokenizer_pads_with_exclamation_mark(name, request):
     from transformers import CLIPTokenizer
 
-    first, second = (CLIPTokenizer.from_pretrained(tiny_sdxl / sub) for sub in ("tokenizer", "tokenizer_2"))
-    assert (first.pad_token, second.pad_token) == ("<|endoftext|>", "!")  # as SDXL's two tokenizers
+    folder = request.getfixturevalue(f"tiny_{name}")
+    first, second = (CLIPTokenizer.from_pretrained(folder / sub) for sub in ("tokenizer", "tokenizer_2"))
+    assert (first.pad_token, second.pad_token) == ("<|endoftext|>", "!")  # CLIP-L pads with its end token, CLIP-G with "!"
     assert second("a cat", padding="max_length", max_length=6).input_ids[-1] == second.get_vocab()["!"]
 
 
