@@ -48,39 +48,69 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
 
 
-def _load_folder(info: ModelInfo, device: str, dtype: str):
-    """Load a diffusers folder (or cached hub id) with safetensors unless pickle is allowed."""
+def load_pipeline(info: ModelInfo, device: str, dtype: str, family, single_file: bool = False):
+    """Load a model with its family's diffusers pipeline class (folder, hub id or single file)."""
     quiet_libraries()
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     from sdbatch.models import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype, device)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        info.location,
-        torch_dtype=torch_dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-        use_safetensors=None if info.allow_pickle else True,
-        local_files_only=info.kind != "hub" or bool(os.environ.get("HF_HUB_OFFLINE")),
-    )
-    return _model_from_pipeline(info, pipe, device, torch_dtype)
+    pipeline = getattr(diffusers, family.pipeline)
+    kwargs = {"torch_dtype": torch_dtype, **family.load_kwargs(info.memory)}
+    if single_file:
+        config = info.config or shipped_config(family)
+        if config:
+            kwargs.update(config=config, local_files_only=True)
+        pipe = pipeline.from_single_file(info.location, **kwargs)
+    else:
+        pipe = pipeline.from_pretrained(
+            info.location, use_safetensors=None if info.allow_pickle else True,
+            local_files_only=info.kind != "hub" or bool(os.environ.get("HF_HUB_OFFLINE")), **kwargs)
+    return _model_from_pipeline(info, family, pipe, device, torch_dtype)
 
 
-def _model_from_pipeline(info: ModelInfo, pipe, device: str, torch_dtype):
+def apply_memory(pipe, memory: dict, device: str) -> bool:
+    """The job's memory options on a loaded pipeline; True when it was offloaded (it places itself)."""
+    vae = getattr(pipe, "vae", None)
+    if memory.get("vae_tiling") and vae is not None:
+        vae.enable_tiling()
+    if memory.get("vae_slicing") and vae is not None:
+        vae.enable_slicing()
+    offload = memory.get("offload", "none")
+    if offload == "none" or not str(device).startswith("cuda"):
+        return False  # offloading moves weights between CPU and GPU: on a CPU it has nothing to do
+    if offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.enable_model_cpu_offload(device=device)
+    return True
+
+
+def shipped_config(family) -> str | None:
+    """The config folder sdbatch ships for a family's single files (no hub needed), if any."""
+    if not family.config_folder:
+        return None
+    import sdbatch
+
+    folder = Path(sdbatch.__file__).resolve().parent / "configs" / family.config_folder
+    return str(folder) if folder.is_dir() else None
+
+
+def _model_from_pipeline(info: ModelInfo, family, pipe, device: str, torch_dtype):
     from sdbatch.models import Model, weights_hash
 
-    pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval().requires_grad_(False)
-        _own_aligned_memory(module)
+    if not apply_memory(pipe, info.memory, device):
+        pipe.to(device)
+    components = {name: getattr(pipe, name, None) for name in family.components}
+    for module in components.values():
+        if hasattr(module, "parameters"):
+            module.eval().requires_grad_(False)
+            _own_aligned_memory(module)
     location = Path(info.location)
     digest = weights_hash(location) if location.exists() else ""
-    return Model(
-        info=info, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet,
-        vae=pipe.vae, scheduler_config=dict(pipe.scheduler.config), device=device,
-        dtype=torch_dtype, hash=digest[:10],
-    )
+    return Model(info=info, family=family, components=components, scheduler_config=dict(pipe.scheduler.config),
+                 device=device, dtype=torch_dtype, hash=digest[:10])
 
 
 def _own_aligned_memory(module) -> None:
@@ -110,8 +140,8 @@ class TinyLoader(ModelLoader):
             raise ValueError(f"sdbatch-tiny is not present at {folder}; reinstall sdbatch or see README.md")
         return ModelInfo(request.ref, str(folder), "diffusers-folder", defaults=read_defaults(folder))
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
-        return _load_folder(info, device, dtype)
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        return load_pipeline(info, device, dtype, family)
 
 
 class FolderLoader(ModelLoader):
@@ -132,8 +162,8 @@ class FolderLoader(ModelLoader):
         return ModelInfo(request.ref, str(path), "diffusers-folder", defaults=read_defaults(path),
                          allow_pickle=request.allow_pickle)
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
-        return _load_folder(info, device, dtype)
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        return load_pipeline(info, device, dtype, family)
 
 
 class SingleFileLoader(ModelLoader):
@@ -158,22 +188,12 @@ class SingleFileLoader(ModelLoader):
         return ModelInfo(request.ref, str(path), "single-file", allow_pickle=request.allow_pickle,
                          config=config, defaults=defaults)
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
-        quiet_libraries()
-        from diffusers import StableDiffusionPipeline
-
-        from sdbatch.models import resolve_dtype
-
-        torch_dtype = resolve_dtype(dtype, device)
-        kwargs = {"config": info.config, "local_files_only": True} if info.config else {}
-        pipe = StableDiffusionPipeline.from_single_file(
-            info.location, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **kwargs
-        )
-        return _model_from_pipeline(info, pipe, device, torch_dtype)
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        return load_pipeline(info, device, dtype, family, single_file=True)
 
 
 class HubLoader(ModelLoader):
-    """A Hugging Face hub id (``org/name``), used from the local cache when offline."""
+    """A Hugging Face hub id (``org/name``): from the local cache, or downloaded when the hub is reachable."""
 
     name = "hub"
     description = "a Hugging Face hub id, from the local cache when offline"
@@ -181,19 +201,30 @@ class HubLoader(ModelLoader):
     def describe(self, request: ModelRequest) -> ModelInfo | None:
         if not HUB_ID.fullmatch(request.ref) or _resolve(request.ref, request.folder).exists():
             return None
-        if os.environ.get("HF_HUB_OFFLINE") and not _hub_cached(request.ref):
-            raise ValueError(f"hub model '{request.ref}' is not in the local cache and HF_HUB_OFFLINE is set")
+        from sdbatch.models import hub_snapshot
+
+        if hub_snapshot(request.ref) is None:
+            reason = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else _hub_unreachable(request.ref)
+            if reason:
+                raise ValueError(
+                    f"hub model '{request.ref}' is not in the local cache and cannot be downloaded ({reason}); "
+                    f"on a connected machine run `hf download {request.ref}` (or `huggingface-cli download "
+                    f"{request.ref}`) and copy the cache here, or give a local folder or .safetensors file")
         return ModelInfo(request.ref, request.ref, "hub", allow_pickle=request.allow_pickle)
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
-        return _load_folder(info, device, dtype)
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        return load_pipeline(info, device, dtype, family)
 
 
-def _hub_cached(repo_id: str) -> bool:
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
-    )
-    return (Path(cache) / ("models--" + repo_id.replace("/", "--"))).is_dir()
+def _hub_unreachable(repo_id: str) -> str:
+    """Why the hub cannot serve ``repo_id`` now (a few seconds at most), or an empty string."""
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo_id, timeout=5)
+    except Exception as exc:  # offline, DNS, 401/404: all mean "not downloadable from here"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no answer'}"
+    return ""
 
 
 @hookimpl(trylast=True)

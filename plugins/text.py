@@ -1,14 +1,11 @@
-"""The built-in text conditioner: CLIP hidden states for each item's prompt and negative prompt."""
+"""The built-in text conditioner: the model family's prompt conditioning for each item."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from sdbatch import hookimpl
 from sdbatch.api import Conditioner
-
-CACHE_LIMIT = 4096
 
 
 @dataclass
@@ -17,19 +14,33 @@ class TextOptions:
 
 
 class TextConditioner(Conditioner):
-    """Encodes prompts with the model's tokenizer and text encoder (77 tokens, truncated)."""
+    """Encodes prompt and negative prompt with the model family's text encoders."""
 
     name = "text"
-    description = "CLIP text embeddings of prompt and negative prompt"
+    description = "text conditioning of prompt and negative prompt (the model family's encoders)"
     Options = TextOptions
 
     def condition(self, items, options, model, state) -> None:
-        import torch
+        state.prompt = stack_rows([prompt_conditioning(model, item.prompt, opt) for item, opt in zip(items, options)])
+        state.negative = stack_rows([prompt_conditioning(model, item.negative_prompt, opt)
+                                     for item, opt in zip(items, options)])
 
-        prompts = [encode_prompt(model, item.prompt, opt.clip_skip) for item, opt in zip(items, options)]
-        negatives = [encode_prompt(model, item.negative_prompt, opt.clip_skip) for item, opt in zip(items, options)]
-        state.prompt_embeds = torch.stack(prompts)
-        state.negative_prompt_embeds = torch.stack(negatives)
+    def check(self, options, job) -> list[str]:
+        if options.clip_skip == 1:
+            return []
+        return [family.why_not("clip_skip") for family in job_families(job) if "clip_skip" not in family.capabilities]
+
+
+def prompt_conditioning(model, text: str, options) -> dict:
+    """One prompt's conditioning (name -> tensor), cached per model."""
+    return model.encode_prompt(text, clip_skip=options.clip_skip)
+
+
+def stack_rows(conditionings: list[dict]) -> dict:
+    """Per-prompt conditionings (name -> tensor) as rows (name -> tensor with a batch dimension)."""
+    import torch
+
+    return {name: torch.stack([c[name] for c in conditionings]) for name in conditionings[0]}
 
 
 def clip_skip_of(item) -> int:
@@ -37,29 +48,9 @@ def clip_skip_of(item) -> int:
     return next((use.options.get("clip_skip", 1) for use in item.conditioners if use.name == "text"), 1)
 
 
-def encode_prompt(model, text: str, clip_skip: int = 1):
-    """Hidden states (tokens, features) for one prompt, cached per model (sweeps repeat prompts)."""
-    import torch
-
-    cache = model.extra.setdefault("text_embeddings", {})
-    key = (text, clip_skip)
-    if key in cache:
-        return cache[key]
-    if len(cache) >= CACHE_LIMIT:
-        cache.clear()
-    tokenizer = model.tokenizer
-    tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    if len(tokenizer(text, truncation=False).input_ids) > tokenizer.model_max_length:
-        print(f"sdbatch: prompt truncated to {tokenizer.model_max_length} tokens: {text[:60]!r}...", file=sys.stderr)
-    with torch.inference_mode():
-        output = model.text_encoder(tokens.input_ids.to(model.device), output_hidden_states=True)
-        if clip_skip > 1:  # A1111's Clip skip: an earlier layer, through the final layer norm
-            hidden = model.text_encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
-        else:
-            hidden = output[0]
-    cache[key] = hidden[0].to(model.dtype)
-    return cache[key]
+def job_families(job) -> list:
+    """The Family objects of a validated job's models."""
+    return [job.registry.require("family", info.family).obj for info in job.plan.models.values() if info.family]
 
 
 @hookimpl(trylast=True)
