@@ -95,3 +95,132 @@ def test_break_starts_a_chunk_and_an_embedding_is_never_split():
     # a tokenizer whose pad differs from EOS (SDXL's CLIP-G) pads after the first EOS
     (only, _), = _chunk([("a", 1.0)], [[5]], ChunkSpec(bos=1, eos=2, pad=0, comma=None, vectors={}))
     assert only[:4] == [1, 5, 2, 0] and set(only[3:]) == {0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding on sdbatch-tiny (the shipped model)
+
+PLAIN = "a large red circle on the left, on a white background"
+FILLER = "a large circle in the centre" + ", on a white background" * 28  # 146 tokens before the last word
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdbatch.tiny import model_path
+
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(model_path(), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _render(pipe, prompts, seeds, steps=10):
+    """Render each prompt with each seed through diffusers' pipeline, from our prompt embeddings."""
+    import torch
+
+    from sdbatch_plugins.prompts import clip_encoder, encode_prompts
+
+    texts = [p for p in prompts for _ in seeds]
+    hidden, _ = encode_prompts(pipe.tokenizer, clip_encoder(pipe.text_encoder), texts + [""] * len(texts))
+    generators = [torch.Generator().manual_seed(s) for _ in prompts for s in seeds]
+    return pipe(prompt_embeds=hidden[:len(texts)], negative_prompt_embeds=hidden[len(texts):], generator=generators,
+                num_inference_steps=steps, guidance_scale=5.0, height=64, width=64, output_type="np").images
+
+
+def _redness(images):
+    """Per image: mean of R - max(G, B) over the shape's pixels (those unlike the corners)."""
+    import numpy as np
+
+    values = []
+    for image in images:
+        background = np.median(image[[0, 0, -1, -1], [0, -1, 0, -1]], axis=0)
+        pixels = image.reshape(-1, 3)
+        shape = pixels[np.abs(pixels - background).sum(1) > 0.25]
+        values.append(float((shape[:, 0] - shape[:, 1:].max(1)).mean()))
+    return np.array(values)
+
+
+def test_a_plain_short_prompt_encodes_exactly_as_before(tiny_pipe):
+    import torch
+    from types import SimpleNamespace
+
+    from sdbatch_plugins.prompts import clip_encoder, encode_prompt_chunks
+    from sdbatch_plugins.text import encode_prompt
+
+    pipe = tiny_pipe
+    model = SimpleNamespace(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, device="cpu",
+                            dtype=torch.float32, extra={})
+    for prompt in (PLAIN, "", "blurry: lowres"):
+        hidden, pooled = encode_prompt_chunks(pipe.tokenizer, clip_encoder(pipe.text_encoder), prompt)
+        assert torch.equal(hidden, encode_prompt(model, prompt))  # plugins/text.py's encoding today
+        assert pooled.shape == (pipe.text_encoder.config.hidden_size,)
+    # Clip skip 2: the layer before the last, through the final norm (diffusers' clip_skip=1, whose
+    # own code path reads text_model, which transformers 5 no longer has).
+    skipped, _ = encode_prompt_chunks(pipe.tokenizer, clip_encoder(pipe.text_encoder, 2), PLAIN)
+    ids = pipe.tokenizer(PLAIN, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        states = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+        assert torch.equal(skipped, pipe.text_encoder.final_layer_norm(states[-2])[0])
+    assert not torch.equal(skipped, hidden)
+
+
+def test_weights_scale_tokens_and_keep_the_mean(tiny_pipe):
+    import torch
+
+    from sdbatch_plugins.prompts import clip_encoder, encode_prompt_chunks
+
+    encode = clip_encoder(tiny_pipe.text_encoder)
+    plain, _ = encode_prompt_chunks(tiny_pipe.tokenizer, encode, "a large red circle")
+    weighted, _ = encode_prompt_chunks(tiny_pipe.tokenizer, encode, "a large (red:1.5) circle")
+    ignored, _ = encode_prompt_chunks(tiny_pipe.tokenizer, encode, "a large (red:1.5) circle", emphasis=False)
+    assert torch.equal(ignored, plain)  # the same tokens: brackets and weight are syntax, not text
+    ratio = plain.mean() / (plain * torch.tensor([1.5 if i == 3 else 1.0 for i in range(77)])[:, None]).mean()
+    expected = plain.clone()
+    expected[3] *= 1.5  # BOS, a, large, red: the fourth row
+    assert torch.allclose(weighted, expected * ratio, atol=1e-6)
+    assert torch.isclose(weighted.mean(), plain.mean(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_weighted_colour_moves_the_picture_further(tiny_pipe):
+    # A purple circle that is also "red": the weight decides how far towards red it goes.
+    prompts = [f"a large {red}purple circle in the centre, on a white background" for red in ("", "red ", "(red:1.5) ")]
+    redness = _redness(_render(tiny_pipe, prompts, seeds=(1, 2, 3))).reshape(3, 3).mean(1)
+    purple, red, strong = redness  # measured: -0.30, -0.11, -0.02
+    assert red - purple > 0.1 and strong - red > 0.04, redness
+
+
+@pytest.mark.slow
+def test_words_after_77_tokens_change_the_embeddings_and_the_picture(tiny_pipe):
+    import torch
+
+    from sdbatch_plugins.prompts import clip_encoder, encode_prompt_chunks
+
+    pipe, red, blue = tiny_pipe, FILLER + ", red", FILLER + ", blue"
+    assert len(pipe.tokenizer(red, add_special_tokens=False).input_ids) == 148
+    cut = [pipe.tokenizer(p, truncation=True, max_length=77).input_ids for p in (red, blue)]
+    assert cut[0] == cut[1]  # truncated at 77 tokens, as before, the colour is lost
+    (a, _), (b, _) = (encode_prompt_chunks(pipe.tokenizer, clip_encoder(pipe.text_encoder), p) for p in (red, blue))
+    # three chunks: each break moved back to a comma, so 148 tokens need more than two
+    assert a.shape == b.shape == (3 * 77, pipe.text_encoder.config.hidden_size)
+    assert torch.equal(a[:154], b[:154]) and not torch.allclose(a[154:], b[154:])
+    redness = _redness(_render(pipe, [red, blue], seeds=(1, 2, 3))).reshape(2, 3).mean(1)
+    assert redness[0] - redness[1] > 0.08, redness  # measured 0.18 against 0.02; the colour is token 148
+
+
+def test_prompt_and_negative_pad_to_the_same_chunks_with_the_empty_prompt(tiny_pipe):
+    import torch
+
+    from sdbatch_plugins.prompts import clip_encoder, encode_prompt_chunks, encode_prompts
+
+    encode = clip_encoder(tiny_pipe.text_encoder)
+    hidden, pooled = encode_prompts(tiny_pipe.tokenizer, encode, [FILLER, "(blurry:1.3) BREAK lowres", "blurry"])
+    assert hidden.shape[:2] == (3, 154) and pooled.shape[0] == 3
+    empty, _ = encode_prompt_chunks(tiny_pipe.tokenizer, encode, "")
+    alone, _ = encode_prompt_chunks(tiny_pipe.tokenizer, encode, "blurry")
+    assert torch.equal(hidden[2, :77], alone) and torch.equal(hidden[2, 77:], empty)
+    two, _ = encode_prompt_chunks(tiny_pipe.tokenizer, encode, "(blurry:1.3) BREAK lowres")
+    assert torch.equal(hidden[1], two)  # BREAK made two chunks of its own
