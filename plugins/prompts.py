@@ -229,18 +229,24 @@ def embedding_vectors(tokenizer) -> dict[int, int]:
             for name, count in embedding_names(tokenizer).items()}
 
 
+def embedding_words(names: Sequence[str]) -> re.Pattern:
+    """A pattern for embedding names used as words, in any case (A1111 matches the name's tokens)."""
+    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.I)
+
+
 def use_embeddings(text: str, names: dict[str, int]) -> str:
-    """Each embedding name used as a word in ``text`` (any case, as A1111 matches it) as its tokens."""
+    """Each embedding name used as a word in ``text`` replaced by its tokens (name, name_1, ...)."""
     if not names:
         return text
-    pattern = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    canonical = {name.lower(): name for name in names}
 
     def tokens(match: re.Match) -> str:
-        name = next(n for n in names if n.lower() == match.group(0).lower())
+        name = canonical[match.group(0).lower()]
         token = embedding_token(name)
         return " ".join([token] + [f"{token}_{i}" for i in range(1, names[name])])
 
-    return re.sub(rf"(?<!\w)(?:{pattern})(?!\w)", tokens, text, flags=re.I)
+    return embedding_words(list(names)).sub(tokens, text)
 
 
 def chunk_tokens(fragments: Sequence[tuple[str, float]], token_ids: Sequence[Sequence[int]],

@@ -224,3 +224,153 @@ def test_prompt_and_negative_pad_to_the_same_chunks_with_the_empty_prompt(tiny_p
     assert torch.equal(hidden[2, :77], alone) and torch.equal(hidden[2, 77:], empty)
     two, _ = encode_prompt_chunks(tiny_pipe.tokenizer, encode, "(blurry:1.3) BREAK lowres")
     assert torch.equal(hidden[1], two)  # BREAK made two chunks of its own
+
+
+# ---------------------------------------------------------------------------------------------
+# Textual-inversion embeddings
+
+
+@pytest.fixture
+def tiny_clip():
+    """A fresh sdbatch-tiny tokenizer and text encoder (embeddings change them)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sdbatch.tiny import model_path
+
+    return (CLIPTokenizer.from_pretrained(model_path() / "tokenizer"),
+            CLIPTextModel.from_pretrained(model_path() / "text_encoder").eval())
+
+
+def _vectors(tokenizer, text_encoder, words):
+    """The input-embedding rows of some words: an embedding that means exactly those words."""
+    ids = tokenizer(words, add_special_tokens=False).input_ids
+    return text_encoder.get_input_embeddings().weight.detach()[ids].clone()
+
+
+def _same_encoding(tokenizer, text_encoder, prompt, reference):
+    import torch
+
+    from sdbatch_plugins.prompts import clip_encoder, encode_prompt_chunks
+
+    encode = clip_encoder(text_encoder)
+    return torch.equal(encode_prompt_chunks(tokenizer, encode, prompt)[0],
+                       encode_prompt_chunks(tokenizer, encode, reference)[0])
+
+
+def test_embeddings_in_a1111_and_diffusers_files_mean_their_vectors(tiny_clip, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from sdbatch_plugins.networks import NetworkError, add_embedding, embeddings_in, read_embedding
+
+    tokenizer, text_encoder = tiny_clip
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": _vectors(tokenizer, text_encoder, "large red")}, folder / "BigRed.safetensors")  # A1111
+    save_file({"<bluish>": _vectors(tokenizer, text_encoder, "blue")[0]}, folder / "bluish.safetensors")  # diffusers
+    torch.save({"string_to_param": {"*": _vectors(tokenizer, text_encoder, "green")}, "name": "verde", "step": 9},
+               folder / "verde.pt")  # A1111's own pickle
+    with pytest.raises(NetworkError, match="allow_pickle"):
+        read_embedding(folder / "verde.pt")
+    embeddings = [read_embedding(folder / "BigRed.safetensors"), read_embedding(folder / "bluish.safetensors"),
+                  read_embedding(folder / "verde.pt", allow_pickle=True)]
+    assert [e.vectors[""].shape[0] for e in embeddings] == [2, 1, 1]
+    before = _same_encoding(tokenizer, text_encoder, "a bigred circle", "a large red circle")
+    for embedding in embeddings:
+        assert add_embedding(tokenizer, text_encoder, embedding)
+    assert not add_embedding(tokenizer, text_encoder, embeddings[0])  # known already: unchanged
+    assert not before  # without the embedding "bigred" is letters
+    assert _same_encoding(tokenizer, text_encoder, "a bigred circle", "a large red circle")  # two vectors
+    assert _same_encoding(tokenizer, text_encoder, "a (Bluish:1.3), verde", "a (blue:1.3), green")
+    assert not _same_encoding(tokenizer, text_encoder, "a bigreds circle", "a large reds circle")  # not the word
+    prompt = "a BIGRED circle <lora:verde:1>, bluish, bigred, notverde"
+    assert embeddings_in(prompt, ["verde", "bluish", "BigRed"]) == ["BigRed", "bluish"]
+
+
+def test_sdxl_embeddings_give_each_encoder_its_own_vectors(tiny_clip, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from sdbatch.tiny import model_path
+    from sdbatch_plugins.networks import NetworkError, add_embedding, read_embedding
+
+    tokenizer, text_encoder = tiny_clip
+    second = (type(tokenizer).from_pretrained(model_path() / "tokenizer"),
+              CLIPTextModel.from_pretrained(model_path() / "text_encoder").eval())
+    path = tmp_path / "hue.safetensors"
+    save_file({"clip_l": _vectors(tokenizer, text_encoder, "red"), "clip_g": _vectors(tokenizer, text_encoder, "blue")},
+              path)
+    embedding = read_embedding(path)
+    assert embedding.sdxl
+    with pytest.raises(NetworkError, match="SDXL"):
+        add_embedding(tokenizer, text_encoder, embedding)  # an SD 1.x encoder has no part to take
+    add_embedding(tokenizer, text_encoder, embedding, "clip_l")
+    add_embedding(*second, embedding, "clip_g")
+    assert _same_encoding(tokenizer, text_encoder, "a hue circle", "a red circle")
+    assert _same_encoding(*second, "a hue circle", "a blue circle")
+    wide = tmp_path / "wide.safetensors"
+    save_file({"emb_params": embedding.vectors["clip_l"].repeat(1, 2)}, wide)
+    with pytest.raises(NetworkError, match="128-wide vectors; this text encoder takes 64"):
+        add_embedding(*second, read_embedding(wide))
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA names and Civitai's hashes
+
+
+def _save(path, metadata=None, value=1.0):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.full((4, 3), value, dtype=np.float32)
+    save_file({"lora_unet_down.lora_up.weight": data}, str(path), metadata=metadata)
+    return data
+
+
+def test_lora_names_resolve_by_stem_with_close_matches_and_no_pickles(tmp_path):
+    from sdbatch_plugins.networks import NetworkError, find_lora, prompt_problems
+
+    loras = tmp_path / "loras"
+    _save(loras / "watercolor.safetensors")
+    _save(loras / "styles" / "ink.safetensors")
+    (loras / "old.pt").write_bytes(b"not read")
+    assert find_lora("ink", loras) == loras / "styles" / "ink.safetensors"
+    with pytest.raises(NetworkError, match=r"unknown LoRA 'watercolr' in .*loras \(did you mean 'watercolor'\?\)"):
+        find_lora("watercolr", loras)
+    with pytest.raises(NetworkError, match="pickle .*allow_pickle: true"):
+        find_lora("old", loras)
+    assert find_lora("old", loras, allow_pickle=True) == loras / "old.pt"
+    _save(loras / "more" / "ink.safetensors")
+    with pytest.raises(NetworkError, match="ambiguous"):
+        find_lora("ink", loras)
+    problems = prompt_problems("a fox <lora:watercolor:0.8> <lora:inc:1> <hypernet:x>", loras)
+    assert problems == [f"unknown LoRA 'inc' in {loras} (did you mean 'ink'?)"]
+    assert prompt_problems("a fox <lora:ink>", None) == ["'<lora:ink>' needs lora_dir: the folder where LoRA names resolve"]
+
+
+def test_civitai_hashes_are_a1111s(tmp_path):
+    import hashlib
+
+    from sdbatch.metadata import format_parameters, parse_parameters
+    from sdbatch_plugins.networks import civitai_fields, embedding_hash, lora_hash
+
+    plain, described = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    data = _save(plain)
+    _save(described, metadata={"ss_output_name": "b", "ss_network_dim": "4"})
+    # LoRAs: sha256 of the tensor bytes after the header, so metadata does not change it
+    assert lora_hash(plain) == lora_hash(described) == hashlib.sha256(data.tobytes()).hexdigest()[:12]
+    # embeddings: sha256 of the whole file
+    assert embedding_hash(plain) == hashlib.sha256(plain.read_bytes()).hexdigest()[:12] != embedding_hash(described)
+    kohya = tmp_path / "kohya.safetensors"
+    _save(kohya, metadata={"sshs_model_hash": "0123456789abcdef" * 4})
+    assert lora_hash(kohya) == "0123456789ab"  # what kohya recorded wins, as in A1111
+
+    fields = civitai_fields({"water:colour": plain, "ink, v2": kohya}, {"bluish": described})
+    assert fields == {"Lora hashes": f"watercolour: {lora_hash(plain)}, ink v2: 0123456789ab",
+                      "TI hashes": f"bluish: {embedding_hash(described)}"}
+    text = format_parameters("a fox <lora:water:colour:1>", "", {"Steps": 20, **fields})
+    assert text.endswith(f'Lora hashes: "watercolour: {lora_hash(plain)}, ink v2: 0123456789ab", '
+                         f'TI hashes: "bluish: {embedding_hash(described)}"')
+    assert parse_parameters(text)["Lora hashes"] == fields["Lora hashes"]
+    assert civitai_fields({}, {}) == {}
