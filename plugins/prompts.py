@@ -170,11 +170,6 @@ def _merge(fragments: list[list]) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight, _ in merged]
 
 
-def has_weights(fragments: Sequence[tuple[str, float]]) -> bool:
-    """Whether any fragment is weighted or a BREAK (else the prompt encodes as plain text)."""
-    return any(weight != 1.0 for _, weight in fragments)
-
-
 # ---------------------------------------------------------------------------------------------
 # Chunks: 75 tokens between BOS and EOS, A1111's way
 

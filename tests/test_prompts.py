@@ -374,3 +374,12 @@ def test_civitai_hashes_are_a1111s(tmp_path):
                          f'TI hashes: "bluish: {embedding_hash(described)}"')
     assert parse_parameters(text)["Lora hashes"] == fields["Lora hashes"]
     assert civitai_fields({}, {}) == {}
+
+
+def test_the_prompt_modules_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, sdbatch_plugins.prompts, sdbatch_plugins.networks; "
+            "assert not {'torch', 'diffusers', 'transformers'} & set(sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
