@@ -226,6 +226,33 @@ def test_prompt_and_negative_pad_to_the_same_chunks_with_the_empty_prompt(tiny_p
     assert torch.equal(hidden[1], two)  # BREAK made two chunks of its own
 
 
+def test_an_sdxl_style_encoder_matches_diffusers_plain_encoding():
+    # SDXL's second encoder: a tokenizer padding with "!" after EOS, the penultimate layer without
+    # the final norm, and the projected pooled output; built at sdbatch-tiny's size, untrained.
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdbatch.tiny import model_path
+    from sdbatch_plugins.prompts import clip_encoder, encode_prompt_chunks, prompt_chunks
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_path() / "tokenizer", pad_token="!")
+    torch.manual_seed(0)
+    encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(model_path() / "text_encoder")).eval()
+    ids = tokenizer(PLAIN, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert prompt_chunks(tokenizer, PLAIN)[0].tokens == ids[0].tolist()  # what diffusers' SDXL pipeline feeds
+    hidden, pooled = encode_prompt_chunks(tokenizer, clip_encoder(encoder, penultimate=True), PLAIN)
+    with torch.inference_mode():
+        output = encoder(ids, output_hidden_states=True)
+    assert torch.equal(hidden, output.hidden_states[-2][0]) and torch.equal(pooled, output.text_embeds[0])
+    skipped, _ = encode_prompt_chunks(tokenizer, clip_encoder(encoder, 2, penultimate=True), PLAIN)
+    assert torch.equal(skipped, output.hidden_states[-3][0])
+    chunks = prompt_chunks(tokenizer, FILLER)
+    long, first = encode_prompt_chunks(tokenizer, clip_encoder(encoder, penultimate=True), FILLER)
+    assert len(chunks) == 2 and long.shape[0] == 2 * 77
+    with torch.inference_mode():  # pooled: the first chunk's, as A1111 and SDXL take it
+        assert torch.allclose(first, encoder(torch.tensor([chunks[0].tokens])).text_embeds[0], atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Textual-inversion embeddings
 
