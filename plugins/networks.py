@@ -100,6 +100,12 @@ def embeddings_in(prompt: str, names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def embeddings_for(prompts: Iterable[str], embeddings_dir: str | Path, allow_pickle: bool = False) -> dict[str, Path]:
+    """The embedding files some prompts use, name -> file: once per plan to load, per item for TI hashes."""
+    files = network_files(embeddings_dir, allow_pickle)
+    return {name: files[name][0] for prompt in prompts for name in embeddings_in(prompt, files)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Textual-inversion embeddings
 

@@ -288,7 +288,7 @@ def test_embeddings_in_a1111_and_diffusers_files_mean_their_vectors(tiny_clip, t
     import torch
     from safetensors.torch import save_file
 
-    from sdbatch_plugins.networks import NetworkError, add_embedding, embeddings_in, read_embedding
+    from sdbatch_plugins.networks import NetworkError, add_embedding, embeddings_for, embeddings_in, read_embedding
 
     tokenizer, text_encoder = tiny_clip
     folder = tmp_path / "embeddings"
@@ -312,6 +312,9 @@ def test_embeddings_in_a1111_and_diffusers_files_mean_their_vectors(tiny_clip, t
     assert not _same_encoding(tokenizer, text_encoder, "a bigreds circle", "a large reds circle")  # not the word
     prompt = "a BIGRED circle <lora:verde:1>, bluish, bigred, notverde"
     assert embeddings_in(prompt, ["verde", "bluish", "BigRed"]) == ["BigRed", "bluish"]
+    assert embeddings_for([prompt, "(verde:0.5)"], folder) == {"BigRed": folder / "BigRed.safetensors",
+                                                               "bluish": folder / "bluish.safetensors"}
+    assert embeddings_for(["verde"], folder, allow_pickle=True) == {"verde": folder / "verde.pt"}
 
 
 def test_sdxl_embeddings_give_each_encoder_its_own_vectors(tiny_clip, tmp_path):
