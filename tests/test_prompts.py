@@ -288,7 +288,9 @@ def test_embeddings_in_a1111_and_diffusers_files_mean_their_vectors(tiny_clip, t
     import torch
     from safetensors.torch import save_file
 
-    from sdbatch_plugins.networks import NetworkError, add_embedding, embeddings_for, embeddings_in, read_embedding
+    from sdbatch_plugins.networks import (
+        NetworkError, add_embedding, embeddings_for, embeddings_in, find_embedding, read_embedding,
+    )
 
     tokenizer, text_encoder = tiny_clip
     folder = tmp_path / "embeddings"
@@ -315,6 +317,10 @@ def test_embeddings_in_a1111_and_diffusers_files_mean_their_vectors(tiny_clip, t
     assert embeddings_for([prompt, "(verde:0.5)"], folder) == {"BigRed": folder / "BigRed.safetensors",
                                                                "bluish": folder / "bluish.safetensors"}
     assert embeddings_for(["verde"], folder, allow_pickle=True) == {"verde": folder / "verde.pt"}
+    with pytest.raises(NetworkError, match=r"unknown embedding 'bluesh' in .* \(did you mean 'bluish'\?\)"):
+        find_embedding("bluesh", folder)
+    with pytest.raises(NetworkError, match="does not exist"):
+        find_embedding("bluish", tmp_path / "nowhere")
 
 
 def test_sdxl_embeddings_give_each_encoder_its_own_vectors(tiny_clip, tmp_path):
