@@ -201,7 +201,7 @@ class ChunkSpec:
 
 def embedding_token(name: str) -> str:
     """The tokenizer token sdbatch adds for textual-inversion embedding ``name`` (never typed by hand)."""
-    return f"<emb:{name}>"
+    return f"<ti-{name}>"  # no colon: not an A1111 <kind:name> tag
 
 
 def embedding_names(tokenizer) -> dict[str, int]:
@@ -209,7 +209,7 @@ def embedding_names(tokenizer) -> dict[str, int]:
     added = tokenizer.get_added_vocab()
     names = {}
     for token in added:
-        found = re.fullmatch(r"<emb:(.+)>", token)
+        found = re.fullmatch(r"<ti-(.+)>", token)
         if found:
             count = 1
             while f"{token}_{count}" in added:  # diffusers names later vectors token_1, token_2...

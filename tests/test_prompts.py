@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sdbatch_plugins.prompts import (
-    BREAK, ChunkSpec, NetworkRef, PromptSyntaxError, chunk_tokens, extract_networks, loras_in,
+    BREAK, ChunkSpec, NetworkRef, PromptSyntaxError, chunk_tokens, embedding_token, extract_networks, loras_in,
     parse_prompt_attention,
 )
 
@@ -62,6 +62,7 @@ def test_networks_leave_the_text_and_keep_their_arguments():
     assert [(r.weight, r.unet_weight) for r in refs] == [(0.8, 0.8), (1.0, 1.0), (0.5, 0.2)]
     assert [r.name for r in loras_in("<lora:a> <lyco:b:1> <hypernet:c>")] == ["a", "b"]
     assert str(refs[2]) == "<lora:sharp:0.5:unet=0.2>"
+    assert extract_networks(embedding_token("easy"))[1] == []  # an added embedding token is no tag
     with pytest.raises(PromptSyntaxError, match="strong"):
         _ = NetworkRef("lora", "x", ("strong",)).weight
 
