@@ -67,6 +67,19 @@ def test_networks_leave_the_text_and_keep_their_arguments():
         _ = NetworkRef("lora", "x", ("strong",)).weight
 
 
+def test_dynamicprompts_expansion_keeps_a1111_syntax():
+    from sdbatch.plan import expand_prompts
+
+    template = "a {red|blue} (fox:1.3), [blurry] <lora:ink:0.8> BREAK \\(x\\)"
+    prompts = [prompt for _, prompt in expand_prompts([template], None)]
+    assert prompts == ["a red (fox:1.3), [blurry] <lora:ink:0.8> BREAK \\(x\\)",
+                       "a blue (fox:1.3), [blurry] <lora:ink:0.8> BREAK \\(x\\)"]
+    text, refs = extract_networks(prompts[1])
+    assert refs == [NetworkRef("lora", "ink", ("0.8",))]
+    assert parse_prompt_attention(text) == [("a blue ", 1.0), ("fox", 1.3), (", ", 1.0), ("blurry", 1 / 1.1),
+                                            ("", 1.0), BREAK, ("(x)", 1.0)]  # BREAK eats the spaces
+
+
 SPEC = ChunkSpec(bos=1, eos=2, pad=2, comma=9, vectors={7: 3})
 
 
