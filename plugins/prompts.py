@@ -311,7 +311,6 @@ def prompt_chunks(tokenizer, prompt: str, backtrack: int = COMMA_BACKTRACK) -> l
     return chunk_tokens(fragments, ids, ChunkSpec.of(tokenizer), backtrack)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Encoding: chunk by chunk through a CLIP text encoder, weighted, joined
 
