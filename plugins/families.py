@@ -81,8 +81,12 @@ class StableDiffusion(Family):
         return {"safety_checker": None, "requires_safety_checker": False}
 
     def encode_prompt(self, model, text: str, options: dict) -> dict:
-        hidden, _ = clip_states(model.text_encoder, model.tokenizer, text, model.device,
-                                layer=options.get("clip_skip", 1), normalize=True)
+        # A1111 prompt syntax: (word:1.2) weights, BREAK, any length as 75-token chunks; <lora:...> tags removed
+        from .prompts import clip_encoder, encode_prompt_chunks, extract_networks
+
+        text, _ = extract_networks(text)
+        encoder = clip_encoder(model.text_encoder, options.get("clip_skip", 1))
+        hidden, _ = encode_prompt_chunks(model.tokenizer, encoder, text)
         return {"encoder_hidden_states": hidden.to(model.dtype)}
 
     def unet_inputs(self, model, x, cond: dict, width: int, height: int) -> dict:
@@ -119,13 +123,25 @@ class StableDiffusionXL(StableDiffusion):
         return {}
 
     def encode_prompt(self, model, text: str, options: dict) -> dict:
-        # The penultimate layer of each encoder (Clip skip 2 goes one further), as the pipeline does.
-        layer = options.get("clip_skip", 1) + 1
-        first, _ = clip_states(model.text_encoder, model.tokenizer, text, model.device, layer)
-        second, pooled = clip_states(model.text_encoder_2, model.tokenizer_2, text, model.device, layer)
+        # Each encoder's penultimate layer (Clip skip 2 goes one further), as the pipeline and A1111 do,
+        # with A1111's prompt syntax and 75-token chunks; the pooled embedding is CLIP-G's first chunk's.
         import torch
 
-        return {"encoder_hidden_states": torch.cat([first, second], dim=-1).to(model.dtype),
+        from .prompts import clip_encoder, encode_prompt_chunks, extract_networks
+
+        text, _ = extract_networks(text)
+        skip = options.get("clip_skip", 1)
+        pairs = ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2))
+        parts, pooled = [], None
+        for tokenizer, encoder in pairs:
+            hidden, pooled = encode_prompt_chunks(tokenizer, clip_encoder(encoder, skip, penultimate=True), text)
+            parts.append(hidden)
+        longest = max(part.shape[0] for part in parts)
+        for index, (tokenizer, encoder) in enumerate(pairs):  # the tokenizers split differently: pad with ""
+            if parts[index].shape[0] < longest:
+                empty, _ = encode_prompt_chunks(tokenizer, clip_encoder(encoder, skip, penultimate=True), "")
+                parts[index] = torch.cat([parts[index], *[empty] * ((longest - parts[index].shape[0]) // 77)])
+        return {"encoder_hidden_states": torch.cat(parts, dim=-1).to(model.dtype),
                 "text_embeds": pooled.to(model.dtype)}
 
     def unet_inputs(self, model, x, cond: dict, width: int, height: int) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sdbatch import hookimpl
-from sdbatch.api import Conditioner
+from sdbatch.api import BatchSplit, Conditioner
 
 
 @dataclass
@@ -21,9 +21,14 @@ class TextConditioner(Conditioner):
     Options = TextOptions
 
     def condition(self, items, options, model, state) -> None:
-        state.prompt = stack_rows([prompt_conditioning(model, item.prompt, opt) for item, opt in zip(items, options)])
-        state.negative = stack_rows([prompt_conditioning(model, item.negative_prompt, opt)
-                                     for item, opt in zip(items, options)])
+        pairs = [equal_length(model, prompt_conditioning(model, item.prompt, opt),
+                              prompt_conditioning(model, item.negative_prompt, opt), opt)
+                 for item, opt in zip(items, options)]
+        lengths = [pair[0]["encoder_hidden_states"].shape[0] for pair in pairs]
+        if len(set(lengths)) > 1:  # long prompts of other chunk counts: rows cannot share one loop
+            raise BatchSplit([[row for row, n in enumerate(lengths) if n == length] for length in dict.fromkeys(lengths)])
+        state.prompt = stack_rows([prompt for prompt, _ in pairs])
+        state.negative = stack_rows([negative for _, negative in pairs])
 
     def check(self, options, job) -> list[str]:
         if options.clip_skip == 1:
@@ -34,6 +39,24 @@ class TextConditioner(Conditioner):
 def prompt_conditioning(model, text: str, options) -> dict:
     """One prompt's conditioning (name -> tensor), cached per model."""
     return model.encode_prompt(text, clip_skip=options.clip_skip)
+
+
+def equal_length(model, prompt: dict, negative: dict, options) -> tuple[dict, dict]:
+    """Prompt and negative prompt padded to one length with the empty prompt's chunks (as A1111 does)."""
+    import torch
+
+    a, b = prompt["encoder_hidden_states"], negative["encoder_hidden_states"]
+    if a.shape[0] == b.shape[0]:
+        return prompt, negative
+    empty = prompt_conditioning(model, "", options)["encoder_hidden_states"]
+    longest = max(a.shape[0], b.shape[0])
+
+    def padded(conditioning: dict) -> dict:
+        hidden = conditioning["encoder_hidden_states"]
+        extra = [empty] * ((longest - hidden.shape[0]) // empty.shape[0])
+        return {**conditioning, "encoder_hidden_states": torch.cat([hidden, *extra])}
+
+    return padded(prompt), padded(negative)
 
 
 def stack_rows(conditionings: list[dict]) -> dict:

@@ -285,6 +285,16 @@ class Writer(Plugin):
 
 
 # ---------------------------------------------------------------- the render contract
+class BatchSplit(Exception):
+    """Raised by a conditioner when the rows of a batch cannot share one loop (e.g. prompts of
+    other lengths): ``groups`` lists row indices that can. The renderer renders each group on
+    its own; rows are independent, so no pixel changes."""
+
+    def __init__(self, groups: list):
+        super().__init__(f"batch split into {len(groups)} groups")
+        self.groups = groups
+
+
 class Extension:
     """What a conditioner adds inside the denoising loop. Every method is optional.
 

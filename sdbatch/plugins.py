@@ -87,9 +87,11 @@ def plugin_errors(entry: Entry, fatal: bool = False):
     SdbatchErrors pass through unchanged (they already speak to the user). Anything else
     becomes PluginCallError (an item failure), or PluginError with ``fatal=True`` (stops the run).
     """
+    from .api import BatchSplit
+
     try:
         yield
-    except (SdbatchError, PluginCallError):
+    except (SdbatchError, PluginCallError, BatchSplit):
         raise
     except Exception as exc:
         message = f"{describe_entry(entry)} failed: {type(exc).__name__}: {exc}"

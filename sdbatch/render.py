@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .api import Extension, Item, RenderState
+from .api import BatchSplit, Extension, Item, RenderState
 from .latents import initial_noise, item_generator
 from .models import Model, ModelCache, resolve_device
 from .plugins import plugin_errors
@@ -58,7 +58,15 @@ class Renderer:
 
     @torch.inference_mode()
     def render(self, items: list[Item]) -> list[Rendered]:
-        state, extensions = self.prepare(items)
+        try:
+            state, extensions = self.prepare(items)
+        except BatchSplit as split:  # e.g. prompts of other chunk counts: each group renders on its own
+            results: dict = {}
+            for group in split.groups:
+                rows = [row for row in group if row < len(items)]  # padding rows are not rendered twice
+                for row, result in zip(rows, self.render([items[row] for row in rows]) if rows else []):
+                    results[row] = result
+            return [results[row] for row in range(len(items))]
         latents = self.denoise(state, extensions)
         return self.finish(items, state, extensions, latents)
 
