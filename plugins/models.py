@@ -227,8 +227,66 @@ def _hub_unreachable(repo_id: str) -> str:
     return ""
 
 
+class RandomFamilyLoader(ModelLoader):
+    """``sdbatch-random-<family>`` (sd1, sdxl, sd3, flux): tiny random-weight models of each architecture.
+
+    For trying a family's plumbing offline (jobs/sdxl.yaml ...): the pictures are noise, the
+    code path is the real one. Built on first load into ``$SDBATCH_CACHE`` (default
+    ``~/.cache/sdbatch``), deterministically from seed 0; planning reads nothing.
+    """
+
+    name = "random-family"
+    description = "tiny random-weight models of each family, built offline on first use"
+    prefix = "sdbatch-random-"
+
+    def describe(self, request: ModelRequest) -> ModelInfo | None:
+        if not request.ref.startswith(self.prefix):
+            return None
+        family = request.ref[len(self.prefix):]
+        from sdbatch.testfamilies import SDBATCH_DEFAULTS
+        from sdbatch.testmodel import SDBATCH_DEFAULTS as SD1_DEFAULTS
+
+        defaults = {"sd1": SD1_DEFAULTS, **SDBATCH_DEFAULTS}
+        if family not in defaults:
+            raise ValueError(f"unknown random model '{request.ref}': use one of "
+                             + ", ".join(self.prefix + name for name in defaults))
+        folder = random_model_folder(family)
+        info = ModelInfo(request.ref, str(folder), "diffusers-folder", defaults=dict(defaults[family]))
+        info.family = family
+        return info
+
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        folder = Path(info.location)
+        if not (folder / "model_index.json").is_file():
+            _build_random_model(info.ref[len(self.prefix):], folder)
+        return load_pipeline(info, device, dtype, family)
+
+
+def random_model_folder(family: str) -> Path:
+    cache = Path(os.environ.get("SDBATCH_CACHE") or Path.home() / ".cache" / "sdbatch")
+    return cache / f"random-{family}-seed0"
+
+
+def _build_random_model(family: str, folder: Path) -> None:
+    """Build into a temporary folder, then rename: parallel workers never see half a model."""
+    import shutil
+    import tempfile
+
+    from sdbatch.testfamilies import BUILDERS
+    from sdbatch.testmodel import build_tiny_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    (build_tiny_model if family == "sd1" else BUILDERS[family])(temp / "model")
+    try:
+        os.rename(temp / "model", folder)
+    except OSError:  # another worker finished first
+        pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 @hookimpl(trylast=True)
 def register_model_loaders(register):
     """Built-in loaders, asked after any a plugin adds."""
-    for loader in (TinyLoader(), FolderLoader(), SingleFileLoader(), HubLoader()):
+    for loader in (TinyLoader(), RandomFamilyLoader(), FolderLoader(), SingleFileLoader(), HubLoader()):
         register(loader)

@@ -30,10 +30,8 @@ class TextConditioner(Conditioner):
         state.prompt = stack_rows([prompt for prompt, _ in pairs])
         state.negative = stack_rows([negative for _, negative in pairs])
 
-    def check(self, options, job) -> list[str]:
-        if options.clip_skip == 1:
-            return []
-        return [family.why_not("clip_skip") for family in job_families(job) if "clip_skip" not in family.capabilities]
+    def requirements(self, options) -> tuple:
+        return ("clip_skip",) if options.clip_skip > 1 else ()
 
 
 def prompt_conditioning(model, text: str, options) -> dict:
@@ -69,11 +67,6 @@ def stack_rows(conditionings: list[dict]) -> dict:
 def clip_skip_of(item) -> int:
     """The Clip skip an item's text conditioner uses (1 when it has none)."""
     return next((use.options.get("clip_skip", 1) for use in item.conditioners if use.name == "text"), 1)
-
-
-def job_families(job) -> list:
-    """The Family objects of a validated job's models."""
-    return [job.registry.require("family", info.family).obj for info in job.plan.models.values() if info.family]
 
 
 @hookimpl(trylast=True)

@@ -111,6 +111,10 @@ class Plugin:
         """The Options dataclass for an item's plain-data options."""
         return self.Options(**options)
 
+    def requirements(self, options) -> tuple:
+        """The family capabilities a use with these options needs (default: ``requires``)."""
+        return self.requires
+
 
 @dataclass
 class ModelInfo:

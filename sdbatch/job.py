@@ -375,7 +375,7 @@ class _Validator:
 
         from .models import detect_family
 
-        name = request.family or detect_family(self.registry, info)
+        name = request.family or info.family or detect_family(self.registry, info)
         if name is None and info.kind == "single-file" and not info.location.endswith(".safetensors"):
             name = "sd1"  # a pickle's keys cannot be read without running it; SD 1.x is what most are
         if name is None:
@@ -394,7 +394,11 @@ class _Validator:
         families = {info.family: self.registry.get("family", info.family).obj
                     for info in models.values() if info.family and self.registry.get("family", info.family)}
         for index, use in zip(self.positions["conditioners"], uses["conditioners"]):
-            required = getattr(self.registry.get("conditioner", use.name).obj, "requires", ())
+            conditioner = self.registry.get("conditioner", use.name).obj
+            try:
+                required = conditioner.requirements(conditioner.parse_options(use.options))
+            except (TypeError, ValueError):  # options already reported; fall back to the static list
+                required = getattr(conditioner, "requires", ())
             for family in families.values():
                 for capability in required:
                     if capability not in family.capabilities:

@@ -229,3 +229,73 @@ def test_prepare_model_hook_sees_every_loaded_model(write_job, make_registry, ti
     job = load_job(write_job(f"model: {tiny_model}\nsteps: 1\n"), registry)
     Renderer(registry, "cpu", "float32", job.plan.models).render([job.plan.item_at(0)])
     assert seen == [("sd1", "UNet2DConditionModel")]
+
+
+# ---------------------------------------------------------------- every option renders
+@pytest.mark.parametrize("family_model", ["sd1", "sdxl"], indirect=True)
+def test_clip_skip_renders_and_changes_the_picture(family_model, write_job, registry):
+    family, folder = family_model
+    pictures = []
+    for skip in (1, 2):
+        job = load_job(_job(write_job, folder, family, seeds=(4,),
+                            extra=f"conditioners: [{{text: {{clip_skip: {skip}}}}}]"), registry)
+        result = Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0]
+        pictures.append(np.asarray(result.image))
+    assert not np.array_equal(*pictures)
+
+
+@pytest.mark.parametrize("family_model", ["sdxl", "sd3", "flux"], indirect=True)
+def test_img2img_runs_on_every_family_that_has_it(family_model, write_job, registry):
+    from PIL import Image
+
+    family, folder = family_model
+    source = np.zeros((64, 64, 3), dtype="uint8")
+    source[16:48, 16:48] = (220, 30, 30)
+    path = write_job("x: 1", "unused.yaml").parent / "input.png"
+    Image.fromarray(source).save(path)
+    images = {}
+    for strength in (0.5, 1.0):
+        job = load_job(_job(write_job, folder, family, seeds=(4,), extra=f"""
+        conditioners:
+          - text
+          - img2img: {{image: {path}, strength: {strength}}}
+        """), registry)
+        renderer = Renderer(registry, "cpu", "float32", job.plan.models)
+        first = np.asarray(renderer.render(list(job.plan))[0].image).astype(int)
+        again = np.asarray(renderer.render(list(job.plan))[0].image).astype(int)
+        assert np.array_equal(first, again)
+        images[strength] = first
+    # a low strength keeps more of the input than strength 1 (random weights, so only the order is claimed)
+    assert np.abs(images[0.5] - source).mean() < np.abs(images[1.0] - source).mean()
+
+
+@pytest.mark.parametrize("memory", ["{vae_tiling: true}", "{vae_slicing: true}", "{offload: model}",
+                                    "{offload: sequential}"])
+def test_memory_options_render(memory, write_job, registry, tiny_model):
+    job = load_job(_job(write_job, tiny_model, "sd1", seeds=(4,), extra=f"memory: {memory}"), registry)
+    plain = load_job(_job(write_job, tiny_model, "sd1", seeds=(4,)), registry)
+    a = np.asarray(Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0].image)
+    b = np.asarray(Renderer(registry, "cpu", "float32", plain.plan.models).render(list(plain.plan))[0].image)
+    # at 64x64 tiling never splits, slicing and offloading (a no-op on CPU) keep the math: same pixels
+    assert np.array_equal(a, b)
+
+
+def test_an_uncached_hub_model_is_one_error_at_the_model_line(write_job, registry, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the hub is unreachable
+    path = write_job("prompt: a cat\nmodel: runwayml/stable-diffusion-v1-5\n")
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    text = str(error.value)
+    assert ":2:1:" in text and "not in the local cache" in text and "hf download runwayml/stable-diffusion-v1-5" in text
+    assert text.count("runwayml/stable-diffusion-v1-5' is not") == 1
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_family_example_jobs_validate_offline(name, registry):
+    from pathlib import Path
+
+    job = load_job(Path(__file__).parent.parent / "jobs" / f"{name}.yaml", registry)
+    info = next(iter(job.plan.models.values()))
+    assert info.family == name and len(job.plan) >= 4
