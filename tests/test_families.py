@@ -299,3 +299,54 @@ def test_family_example_jobs_validate_offline(name, registry):
     job = load_job(Path(__file__).parent.parent / "jobs" / f"{name}.yaml", registry)
     info = next(iter(job.plan.models.values()))
     assert info.family == name and len(job.plan) >= 4
+
+
+@pytest.mark.parametrize("family_model", ["sdxl", "sd3"], indirect=True)
+def test_inpainting_keeps_every_unmasked_pixel(family_model, write_job, registry):
+    from PIL import Image
+
+    family, folder = family_model
+    base = write_job("x: 1", "unused.yaml").parent
+    source = np.full((64, 64, 3), 200, dtype="uint8")
+    mask = np.zeros((64, 64), dtype="uint8")
+    mask[16:48, 16:48] = 255
+    Image.fromarray(source).save(base / "in.png")
+    Image.fromarray(mask).save(base / "mask.png")
+    job = load_job(_job(write_job, folder, family, seeds=(4,), extra=f"""
+        conditioners:
+          - text
+          - inpaint: {{image: {base / 'in.png'}, mask: {base / 'mask.png'}, mask_blur: 0}}
+        """), registry)
+    image = np.asarray(Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0].image)
+    assert np.array_equal(image[mask == 0], source[mask == 0])
+    assert not np.array_equal(image[mask == 255], source[mask == 255])
+
+
+def test_an_sdxl_controlnet_steers_and_scale_0_is_no_control(write_job, registry, tiny_sdxl, tmp_path):
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from PIL import Image
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = ControlNetModel.from_unet(unet)
+        zero_convs = [net.controlnet_cond_embedding.conv_out, net.controlnet_mid_block, *net.controlnet_down_blocks]
+        for parameter in (p for conv in zero_convs for p in conv.parameters()):  # not zero: it must act
+            torch.nn.init.normal_(parameter, std=0.2)
+    net.save_pretrained(tmp_path / "cn")
+    edges = np.zeros((64, 64, 3), dtype="uint8")
+    edges[20:44, 30:34] = 255
+    Image.fromarray(edges).save(tmp_path / "map.png")
+    pixels = {}
+    for scale in (0.0, 1.0):
+        job = load_job(_job(write_job, tiny_sdxl, "sdxl", seeds=(4,), extra=f"""
+        conditioners:
+          - text
+          - image: {{image: {tmp_path / 'map.png'}, controlnet: {tmp_path / 'cn'}, scale: {scale}}}
+        """), registry)
+        pixels[scale] = np.asarray(Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0].image)
+    plain = load_job(_job(write_job, tiny_sdxl, "sdxl", seeds=(4,)), registry)
+    without = np.asarray(Renderer(registry, "cpu", "float32", plain.plan.models).render(list(plain.plan))[0].image)
+    assert np.array_equal(pixels[0.0], without)
+    assert not np.array_equal(pixels[1.0], without)
