@@ -22,6 +22,8 @@ import contextlib
 # GEMM row counts are padded to a multiple of this: MKL gives each row the same result
 # for any row count that is a multiple of 4 (checked at 1 to 16 threads); 16 leaves margin.
 ROW_BLOCK = 16
+# A convolution's im2col matrix stays under this per GEMM (SDXL's 128x128 latents would need GBs).
+PATCH_BYTES = 128 << 20
 
 _CLASSES: dict = {}
 
@@ -45,10 +47,11 @@ def invariant_linear(x, weight, bias=None):
 
 
 def invariant_conv2d(conv, x):
-    """A Conv2d as im2col and one row-independent GEMM over the whole batch.
+    """A Conv2d as im2col and row-independent GEMMs: no oneDNN or NNPACK kernel, whose choice
+    depends on the batch size.
 
-    The patches are gathered channels-last (one strided copy), the result is returned as a
-    channels-last view: no oneDNN or NNPACK kernel, whose choice depends on the batch size.
+    Patches are gathered channels-last (one strided copy) into one GEMM over the whole batch,
+    as fast as oneDNN here; past ``PATCH_BYTES`` they go by image and band of output rows.
     """
     import torch
 
@@ -62,9 +65,16 @@ def invariant_conv2d(conv, x):
     out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
     s = nhwc.stride()
     patches = nhwc.as_strided((batch, out_h, out_w, kh, kw, channels), (s[0], s[1] * sh, s[2] * sw, s[1], s[2], s[3]))
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, kh * kw * channels)
-    out = rows_matmul(patches.reshape(batch * out_h * out_w, kh * kw * channels), weight, conv.bias)
-    return out.view(batch, out_h, out_w, conv.out_channels).permute(0, 3, 1, 2)
+    columns = kh * kw * channels
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, columns)
+    limit = max(ROW_BLOCK, PATCH_BYTES // (columns * x.element_size()))  # patch rows per GEMM
+    if batch * out_h * out_w <= limit:
+        out = rows_matmul(patches.reshape(-1, columns), weight, conv.bias)
+    else:
+        band = max(1, limit // out_w)
+        out = torch.cat([rows_matmul(patches[image, top:top + band].reshape(-1, columns), weight, conv.bias)
+                         for image in range(batch) for top in range(0, out_h, band)])
+    return out.view(batch, out_h, out_w, conv.out_channels).permute(0, 3, 1, 2).contiguous()
 
 
 def _gemm_conv_fits(conv) -> bool:
