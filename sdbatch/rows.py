@@ -32,6 +32,7 @@ def rows_matmul(rows, weight, bias=None):
     """``rows @ weight.T + bias`` for a 2-D ``rows``, each row's result independent of the row count."""
     import torch
 
+    rows = rows.contiguous()  # a column-major view (a 1x1 convolution of one image) takes another kernel
     count = rows.shape[0]
     padded = -count % ROW_BLOCK
     if padded:
@@ -66,7 +67,7 @@ def invariant_conv2d(conv, x):
     s = nhwc.stride()
     patches = nhwc.as_strided((batch, out_h, out_w, kh, kw, channels), (s[0], s[1] * sh, s[2] * sw, s[1], s[2], s[3]))
     columns = kh * kw * channels
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, columns)
+    weight = _patch_weight(conv)
     limit = max(ROW_BLOCK, PATCH_BYTES // (columns * x.element_size()))  # patch rows per GEMM
     if batch * out_h * out_w <= limit:
         out = rows_matmul(patches.reshape(-1, columns), weight, conv.bias)
@@ -75,6 +76,21 @@ def invariant_conv2d(conv, x):
         out = torch.cat([rows_matmul(patches[image, top:top + band].reshape(-1, columns), weight, conv.bias)
                          for image in range(batch) for top in range(0, out_h, band)])
     return out.view(batch, out_h, out_w, conv.out_channels).permute(0, 3, 1, 2).contiguous()
+
+
+def _patch_weight(conv):
+    """The kernel as (out channels, kh*kw*in channels), patch order; kept until the weight changes."""
+    weight = conv.weight
+    try:
+        key = (weight.data_ptr(), weight._version)
+    except RuntimeError:  # a weight made under inference_mode has no version counter: no cache
+        key = None
+    cached = conv.__dict__.get("_rows_weight")
+    if key is None or cached is None or cached[0] != key:
+        cached = (key, weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous())
+        if key is not None:
+            conv.__dict__["_rows_weight"] = cached
+    return cached[1]
 
 
 def _gemm_conv_fits(conv) -> bool:
@@ -124,7 +140,7 @@ def make_rows_independent(module) -> None:
             child.__class__ = swap
 
 
-def row_independent_kernels(device):
+def row_independent_kernels(device, enabled: bool = True):
     """A context in which PyTorch's CPU convolutions do not choose algorithms by batch size.
 
     oneDNN picks kernels by batch size and NNPACK takes over from 16 images up; with both
@@ -133,7 +149,7 @@ def row_independent_kernels(device):
     """
     import torch
 
-    if str(device) != "cpu":
+    if str(device) != "cpu" or not enabled:
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.backends.mkldnn.flags(enabled=False))

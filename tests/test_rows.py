@@ -83,3 +83,13 @@ def test_swap_is_generic_and_leaves_subclasses_and_other_convs_alone():
         assert torch.allclose(block.depthwise(inputs),
                               torch.nn.functional.conv2d(inputs, block.depthwise.weight, block.depthwise.bias,
                                                          padding=1, groups=8), atol=1e-6)
+
+
+def test_one_image_through_a_pointwise_convolution_matches_the_batch():
+    # One image's 1x1 patches are a column-major view; the batch's are copied row-major.
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(4, 4, 1)  # a VAE's post_quant_conv
+    rows.make_rows_independent(layer)
+    inputs = torch.randn(8, 4, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(layer(inputs)[:1], layer(inputs[:1]))
