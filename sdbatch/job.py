@@ -90,7 +90,7 @@ class JobSpec:
         min=1, max=1024, help="CPU threads per renderer; CPU pixels depend on it, so every worker uses the same"))
     batch_invariant: bool = field(default=True, metadata=_m(
         help="CPU: kernels that give an item the same pixels in any batch; false: PyTorch's default ones, "
-             "a little faster, whose pixels change by a level with batch size and on resume"))
+             "faster at larger batches, whose pixels change by a level with batch size and on resume"))
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = field(default=0, metadata=_m(min=0, max=MAX_SEED))
