@@ -103,6 +103,9 @@ class JobSpec:
     retries: int = field(default=1, metadata=_m(min=0, max=10, help="times a failing item is tried again"))
     threads: int | None = field(default=None, metadata=_m(
         min=1, max=1024, help="CPU threads per renderer; CPU pixels depend on it, so every worker uses the same"))
+    batch_invariant: bool = field(default=True, metadata=_m(
+        help="CPU: kernels that give an item the same pixels in any batch; false: PyTorch's default ones, "
+             "faster at larger batches, whose pixels change by a level with batch size and on resume"))
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = field(default=0, metadata=_m(min=0, max=MAX_SEED))

@@ -21,7 +21,7 @@ class RenderActor:
     """Holds a Renderer (and so the loaded model) for the life of the actor process."""
 
     def __init__(self, models: dict, device: str, dtype: str, pad_batches_to: int | None, retries: int = 1,
-                 threads: int | None = None):
+                 threads: int | None = None, batch_invariant: bool = True):
         import torch
 
         from .plugins import load_registry
@@ -29,7 +29,8 @@ class RenderActor:
 
         if threads:  # CPU kernels split work by thread count: match the driver's, and so its pixels
             torch.set_num_threads(threads)
-        self.renderer = Renderer(load_registry(), device, dtype, models, pad_batches_to=pad_batches_to)
+        self.renderer = Renderer(load_registry(), device, dtype, models, pad_batches_to=pad_batches_to,
+                                 batch_invariant=batch_invariant)
         self.retries = retries
 
     def render(self, batch: list, attempt: int = 0) -> tuple[list, list]:
@@ -97,7 +98,7 @@ class RayExecutor(LocalExecutor):
         pad = self.batch_size if device.startswith("cuda") else None
         threads = self.job.spec.threads or _local_threads()
         self.actors = [actor_class.remote(self.job.plan.models, device, self.job.spec.dtype, pad, self.job.spec.retries,
-                                          threads)
+                                          threads, self.job.spec.batch_invariant)
                        for _ in range(workers)]
         return ActorPool(self.actors)
 

@@ -40,7 +40,7 @@ class Renderer:
     """Renders batches of items that share a batch key; models are loaded once and cached."""
 
     def __init__(self, registry, device: str = "auto", dtype: str = "auto", models: dict | None = None,
-                 pad_batches_to: int | None = None):
+                 pad_batches_to: int | None = None, batch_invariant: bool = True):
         self.registry = registry
         self.device = resolve_device(device)
         self.dtype = dtype
@@ -48,10 +48,11 @@ class Renderer:
         self.cache = ModelCache(registry)
         # On GPU, kernels are chosen by shape: a fixed batch shape keeps pixels stable.
         self.pad_batches_to = pad_batches_to
+        self.batch_invariant = batch_invariant  # CPU: row-independent kernels (sdbatch.rows), the default
 
     def model_for(self, item: Item) -> Model:
         model = self.cache.get(self.model_infos[item.model], self.device, self.dtype)
-        if str(model.device) == "cpu" and not model.extra.get("batch_invariant"):
+        if self.batch_invariant and str(model.device) == "cpu" and not model.extra.get("batch_invariant"):
             make_rows_independent(model.denoiser)
             model.extra["batch_invariant"] = True
         return model
@@ -116,7 +117,7 @@ class Renderer:
         size = {"width": first.width, "height": first.height}
         step_kwargs = _step_kwargs(scheduler, state.generators)
         _seed_noise_sampler(scheduler, state.items)
-        with row_independent_kernels(model.device):
+        with row_independent_kernels(model.device, self.batch_invariant):
             for step, t in enumerate(state.timesteps):
                 for extension in extensions:
                     latents = extension.before_step(step, t, latents)

@@ -120,7 +120,8 @@ class LocalExecutor:
         if self.job.spec.threads:
             torch.set_num_threads(self.job.spec.threads)
         renderer = Renderer(self.registry, self.device, self.job.spec.dtype, self.job.plan.models,
-                            pad_batches_to=self.batch_size if _is_gpu(self.device) else None)
+                            pad_batches_to=self.batch_size if _is_gpu(self.device) else None,
+                            batch_invariant=self.job.spec.batch_invariant)
         for batch in batches:
             sink.check()
             self._render(renderer, batch, sink, summary)
