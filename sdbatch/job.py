@@ -6,6 +6,7 @@ see README.md ("Job file reference") for a commented example.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,6 +154,7 @@ class Job:
     plan: Plan
     uses: dict  # job key -> list[PluginUse] (names resolved, options as plain data)
     writers: list  # (Writer class, Options instance, PluginUse)
+    plugins: dict = field(default_factory=dict)  # kind -> name -> the conditioner/postprocessor objects used
 
     @property
     def filename(self) -> str:
@@ -207,6 +209,14 @@ class _Validator:
     def fail(self, path: KeyPath, message: str) -> None:
         self.checker.fail(path, message)
 
+    def _plugin_objects(self, uses: dict) -> dict:
+        """The conditioner and post-processor objects a job uses, for writers (A1111 fields)."""
+        found = {}
+        for key, kind in (("conditioners", "conditioner"), ("postprocess", "postprocessor")):
+            entries = {use.name: self.registry.get(kind, use.name) for use in uses[key]}
+            found[kind] = {name: entry.obj for name, entry in entries.items() if entry is not None}
+        return found
+
     def run(self) -> Job:
         spec = self.spec
         self.positions: dict[str, list[int]] = {}  # job key -> list index of each valid use
@@ -240,7 +250,8 @@ class _Validator:
             postprocess=tuple(uses["postprocess"]), timeline=timeline, edit=edit, inputs=inputs,
             batch_options=self._batch_options(uses),
         )
-        job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
+        job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers],
+                  self._plugin_objects(uses))
         for writer_class, options, use, index in writers:
             for message in writer_class.check(options, job):
                 self.fail(("outputs", index, use.name), message)
@@ -527,7 +538,7 @@ class _Validator:
                 entry.update(image=source.image, image_sha256=file_sha256(source.image))
                 label = f"{number}: {Path(source.image).name}"
             else:
-                label = f"{number}: {prompt[:40]} (seed {seed})"
+                label = f"{number}: {textwrap.shorten(prompt, 40, placeholder=' …')} (seed {seed})"
             plan.sources[label] = entry
         for index, raw in enumerate(edit.directions):
             self._direction(plan, dict(raw), base + ("directions", index))

@@ -92,7 +92,8 @@ class LocalExecutor:
             summary.already_done = sum(1 for i in job.plan.items(0, total) if finished(i))
         if Path(job.filename).is_file():  # keep the job beside its outputs
             atomic_write(out.root / "job.yaml", Path(job.filename).read_bytes())
-        progress = Progress(total, summary.already_done, quiet=self.quiet)
+        progress = Progress(total, summary.already_done, quiet=self.quiet, title=self.context.job_name,
+                            history=out.root / SUMMARY)
         entries_of = {w.name: self.registry.require("writer", w.name) for w in writers}  # names plugins in errors
         sink = _WriterThread(writers, out, summary, progress, finished, entries_of)
         try:
@@ -144,7 +145,7 @@ class LocalExecutor:
                 return
             summary.failed += 1
             _record_failures(self.context.out.root, batch, exc)
-            sink.progress.update(1)
+            sink.progress.update(1, rendered=False)
             return
         seconds = (time.monotonic() - began) / len(batch)
         summary.render_seconds += time.monotonic() - began
@@ -273,7 +274,7 @@ class _WriterThread:
         except PluginCallError as exc:  # this item fails; the run goes on
             self.summary.failed += 1
             _record_failures(self.out.root, [item], exc)
-            self.progress.update(1)
+            self.progress.update(1, rendered=False)
             return
         record = item.to_json()
         record["model_hash"] = result.model_hash
