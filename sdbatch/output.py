@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import OutputConflict
+from .errors import OutputConflict, shorten
 
 MANIFEST = "manifest.jsonl"
 RUN_FILES = "run_files.json"  # files made from the whole run (grids, videos): rebuilt on every run
@@ -33,10 +33,12 @@ TEMPLATE_FIELDS = {
 def check_template(template: str, fields: set = TEMPLATE_FIELDS) -> list[str]:
     """Problems with an output path template (unknown fields, escaping the output folder)."""
     problems = []
+    if len(template) > MAX_TEMPLATE_CHARS or re.search(r"[:!][^{}]*\d{4,}", template):
+        return [f"path template {shorten(template)!r} is too long or pads a field to thousands of characters"]
     try:
         names = {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name}
     except ValueError as exc:
-        return [f"bad path template {template!r}: {exc}"]
+        return [f"bad path template {shorten(template)!r}: {exc}"]
     unknown = names - fields
     if unknown:
         from .errors import did_you_mean
@@ -45,15 +47,21 @@ def check_template(template: str, fields: set = TEMPLATE_FIELDS) -> list[str]:
         problems.append(f"unknown field '{{{first}}}' in path template{did_you_mean(first, fields)}; "
                         f"fields: {', '.join(sorted(fields))}")
     if _escapes(template.replace("{", "").replace("}", "")):
-        problems.append(f"path template {template!r} escapes the output folder (absolute or '..')")
+        problems.append(f"path template {shorten(template)!r} escapes the output folder (absolute or '..')")
     if not unknown:
         sample = {name: _SAMPLE_VALUES.get(name, "x") for name in fields}
         try:
-            template.format_map(sample)
-        except (ValueError, KeyError, IndexError, AttributeError) as exc:
-            problems.append(f"bad path template {template!r}: {exc}")
+            rendered = template.format_map(sample)
+        except (ValueError, KeyError, IndexError, AttributeError, OverflowError, MemoryError) as exc:
+            problems.append(f"bad path template {shorten(template)!r}: {shorten(str(exc))}")
+        else:  # a format spec can cut a field away, {id:.0}../x, or pad it with '/'
+            if not problems and _escapes(rendered):
+                problems.append(f"path template {shorten(template)!r} gives {shorten(rendered)!r}, outside the "
+                                "output folder")
     return problems
 
+
+MAX_TEMPLATE_CHARS = 1000
 
 #: Typed stand-ins for template fields, so format specs such as {index:06d} are checked.
 _SAMPLE_VALUES = {"index": 0, "seed": 0, "steps": 20, "width": 512, "height": 512, "frame": 0}
@@ -61,7 +69,41 @@ _SAMPLE_VALUES = {"index": 0, "seed": 0, "steps": 20, "width": 512, "height": 51
 
 def _escapes(relpath: str) -> bool:
     path = Path(relpath)
-    return path.is_absolute() or relpath.startswith(("/", "\\")) or ".." in path.parts
+    return path.is_absolute() or relpath.startswith(("/", "\\")) or ".." in path.parts or "\0" in relpath
+
+
+def check_name(name: str) -> str | None:
+    """Why a job name cannot name files (it fills {job} in output paths); None if it can."""
+    if not name or len(name) > 100 or name in (".", "..") or re.search(r"[/\\\x00-\x1f]", name):
+        return (f"a job name is one file name of at most 100 characters, without '/', '\\' or control "
+                f"characters, got {shorten(repr(name))}")
+    return None
+
+
+def inside(root: Path, target: Path) -> Path:
+    """``target`` if its folder, symbolic links resolved, lies in ``root``; else OutputConflict.
+
+    A link planted in the output folder (shared storage, where datasets live) must not make
+    a file land elsewhere, so the folder is resolved at every write, not only at the start.
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(target.parent)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise OutputConflict(f"{target.parent} leads to {real}, outside the output folder {root} (a symbolic "
+                             "link?); sdbatch writes only inside it: remove the link")
+    return target
+
+
+def open_append(path: Path):
+    """Open a log such as manifest.jsonl for appending, refusing a symbolic link (it would append elsewhere)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise OutputConflict(f"{path} is a symbolic link; sdbatch appends only to its own file there: "
+                                 "remove the link") from None
+        raise
+    return os.fdopen(fd, "ab")
 
 
 def _slug(value) -> str:
@@ -84,7 +126,7 @@ def render_template(template: str, item, ext: str, job_name: str = "job") -> str
     """The relative output path for an item; refuses any result outside the folder."""
     relpath = template.format_map(template_values(item, ext, job_name))
     if _escapes(relpath):
-        raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+        raise OutputConflict(f"output path {shorten(relpath)!r} escapes the output folder")
     return relpath
 
 
@@ -207,7 +249,7 @@ class OutputDir:
                            "seconds": round(entry.seconds, 4), "extra": entry.extra, "writers": entry.writers},
                           ensure_ascii=False, separators=(",", ":"))
         with self._lock:
-            with open(self.manifest_path, "ab") as handle:
+            with open_append(self.manifest_path) as handle:
                 if self._cut_line:  # a kill cut the last line: end it so ours stays readable
                     handle.write(b"\n")
                     self._cut_line = False
@@ -221,8 +263,10 @@ class OutputDir:
     def write_bytes(self, relpath: str, data: bytes, item_id: str, writer: str) -> FileRecord:
         """Write a file atomically; refuse to replace another item's or a foreign file's content."""
         if _escapes(relpath):
-            raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+            raise OutputConflict(f"output path {shorten(relpath)!r} escapes the output folder")
         target = self.root / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        inside(self.root, target)
         digest = hashlib.sha256(data).hexdigest()
         if target.exists():
             owner = self._owner(relpath)
@@ -246,12 +290,13 @@ class OutputDir:
         A killed run leaves at most a temporary file, never a partial file under the final name.
         """
         if _escapes(relpath):
-            raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+            raise OutputConflict(f"output path {shorten(relpath)!r} escapes the output folder")
         owner = self._owner(relpath)
         if owner is not None:
             raise OutputConflict(f"{relpath} belongs to item {owner}; choose another path")
         target = self.root / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
+        inside(self.root, target)
         temp = target.with_name(f".{target.name}.{os.getpid()}{TEMP_MARK}{target.suffix}")
         fill(temp)
         digest = _sha256_file(temp)
