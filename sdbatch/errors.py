@@ -114,5 +114,19 @@ class PluginError(SdbatchError):
     """A plugin failed to load, register or run; names the plugin and its package."""
 
 
+class DiskFull(SdbatchError):
+    """The output folder's disk (or quota) is full: the run stops; finished items are kept."""
+
+    @classmethod
+    def wrap(cls, exc, folder) -> "DiskFull | None":
+        """A DiskFull for an OSError meaning no space (ENOSPC, EDQUOT), else None."""
+        import errno
+
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cls(f"no space left on the disk of {folder} ({exc.strerror}). Finished items are kept and "
+                       "nothing partial is left: free some space and run the same command again to resume")
+        return None
+
+
 class OutputConflict(SdbatchError):
     """Writing would replace a finished file with different content."""

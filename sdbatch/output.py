@@ -161,9 +161,25 @@ class Entry:
 class OutputDir:
     """An output folder with its manifest; safe to use from one writer thread at a time."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, lock: bool = True):
+        """Open (and create) the folder; ``lock=False`` only reads it (``sdbatch status``).
+
+        A locked folder is this process's alone until close(): a second run stops at once
+        with a message naming the first (see sdbatch.lock). Under the lock, temporary files
+        of killed runs are removed and symbolic links leading out of the folder refused.
+        """
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_key = None
+        if lock:
+            from .lock import acquire
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_key, first = acquire(self.root)
+            try:
+                self._check_links(tidy=first)
+            except BaseException:
+                self.close()
+                raise
         self._lock = threading.Lock()
         # A compact index, so a resumed run of millions of items fits in a driver: per
         # finished item its manifest line's offset and its writers (packed in one int),
@@ -173,7 +189,6 @@ class OutputDir:
         self._owners: dict[int, int] = {}
         self._writer_sets: list[tuple] = []
         self._reader = None
-        self._remove_temporaries()
         self._read_manifest()
         run_files = self.root / RUN_FILES
         self.run_files: set[str] = set(json.loads(run_files.read_text())) if run_files.is_file() else set()
@@ -298,25 +313,55 @@ class OutputDir:
         target.parent.mkdir(parents=True, exist_ok=True)
         inside(self.root, target)
         temp = target.with_name(f".{target.name}.{os.getpid()}{TEMP_MARK}{target.suffix}")
-        fill(temp)
-        digest = _sha256_file(temp)
+        _clear(temp)
+        try:  # whatever fails (a full disk, a conflict, a kill by exception), no temporary stays
+            fill(temp)
+            digest = _sha256_file(temp)
+            self._claim_run_file(relpath, target, digest)
+            with open(temp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            _clear(temp)
+            raise
+        fsync_folder(target.parent)
+        return FileRecord(relpath, digest, writer)
+
+    def _claim_run_file(self, relpath: str, target: Path, digest: str) -> None:
+        """Record ``relpath`` as this job's run file, refusing to replace a foreign file."""
         with self._lock:
             if relpath not in self.run_files:
                 if target.exists() and _sha256_file(target) != digest:
-                    temp.unlink()
                     raise OutputConflict(f"{target} already holds a file not written by this job with different "
                                          "content; refusing to overwrite it")
                 self.run_files.add(relpath)
                 atomic_write(self.root / RUN_FILES, json.dumps(sorted(self.run_files), indent=1).encode())
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        return FileRecord(relpath, digest, writer)
 
-    def _remove_temporaries(self) -> None:
-        for temp in self.root.rglob(f"*{TEMP_MARK}*"):
-            if temp.is_file():
-                temp.unlink()
+    def close(self) -> None:
+        """Release the folder's lock (a killed process releases it too)."""
+        if self._lock_key is not None:
+            from .lock import release
+
+            release(self._lock_key)
+            self._lock_key = None
+
+    def _check_links(self, tidy: bool) -> None:
+        """Refuse to start where a planted symbolic link would redirect what sdbatch writes.
+
+        The same walk removes temporary files of killed runs when ``tidy`` (only the first
+        holder of the lock tidies, so no temporary belongs to a live run).
+        """
+        for name in (MANIFEST, RUN_FILES, "failures.jsonl", "summary.json", "job.yaml"):
+            if (self.root / name).is_symlink():
+                raise OutputConflict(f"{self.root / name} is a symbolic link; sdbatch writes only its own files in "
+                                     "the output folder: remove the link")
+        for folder, names, files in os.walk(self.root):
+            for name in names:
+                if os.path.islink(os.path.join(folder, name)):
+                    inside(self.root, Path(folder) / name / "x")
+            for name in files if tidy else ():
+                if TEMP_MARK in name:
+                    os.unlink(os.path.join(folder, name))
 
 
 def _path_key(relpath: str) -> int:
@@ -325,14 +370,46 @@ def _path_key(relpath: str) -> int:
 
 
 def atomic_write(target: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over the target."""
+    """Write to a temporary name in the same folder, fsync, rename over the target, fsync the folder.
+
+    The temporary name carries this process's pid; it is created afresh (never through a
+    link someone planted there) and removed if anything fails, a full disk included.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_MARK}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, target)
+    _clear(temp)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        _clear(temp)
+        raise
+    fsync_folder(target.parent)
+
+
+def fsync_folder(folder) -> None:
+    """Make a rename in ``folder`` durable (a power cut after it keeps the new name)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder; the rename itself stands
+        pass
+    finally:
+        os.close(fd)
+
+
+def _clear(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _sha256_file(path: Path) -> str:

@@ -54,6 +54,10 @@ def test_killing_the_ray_driver_then_rerunning_finishes_each_item_once(write_job
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
     done = kill_run_after(job, out, finished=3, timeout=240, args=["--executor", "ray", "--workers", "1"], env=env)
     assert 3 <= done < 16
+    from sdbatch.ray_executor import SESSIONS, _processes_of
+
+    killed_session = (out / SESSIONS).read_text().split()  # the cluster the killed driver started
+    assert len(killed_session) == 1
     rerun = subprocess.run([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(out), "-q",
                             "--executor", "ray", "--workers", "1"], env=env, capture_output=True, text=True,
                            timeout=300)
@@ -77,5 +81,8 @@ def test_killing_the_ray_driver_then_rerunning_finishes_each_item_once(write_job
     for shard in range(4):
         name = f"dataset/{shard:05d}.tar"
         assert (out / name).read_bytes() == (local / name).read_bytes()
-    # The killed driver's cluster must not outlive it (Ray's reaper takes it down with the driver).
+    # The killed driver's cluster must not outlive it (Ray's reaper takes it down with the driver),
+    # and what the reaper leaves (ray::DashboardAgent, ray::RuntimeEnvAgent) the rerun ends.
     assert _ray_processes() <= before
+    assert _processes_of(killed_session[0]) == {}
+    assert not (out / SESSIONS).exists()  # the rerun stopped its own cluster and noted nothing left
