@@ -16,6 +16,7 @@ EXIT_INVALID_JOB = 2
 #: Characters of a value shown in a message; a hostile file's 600 kB value is cut in the middle.
 SHOWN_CHARS = 80
 MAX_MESSAGE = 1000
+MAX_SHOWN = 200  # problems printed for one file
 
 
 def shorten(value, limit: int = SHOWN_CHARS) -> str:
@@ -107,7 +108,10 @@ class JobError(SdbatchError):
         self.problems = sorted(problems, key=lambda p: (p.line or 0, p.column or 0))
         count = len(self.problems)
         header = f"{filename}: {count} problem{'s' if count != 1 else ''} found"
-        super().__init__("\n".join([header] + [p.render(filename) for p in self.problems]))
+        lines = [header] + [p.render(filename) for p in self.problems[:MAX_SHOWN]]
+        if count > MAX_SHOWN:  # a hostile file can hold thousands: the first ones are what to fix
+            lines.append(f"{filename}: {count - MAX_SHOWN:,} more problems found, not shown")
+        super().__init__("\n".join(lines))
 
 
 class PluginError(SdbatchError):

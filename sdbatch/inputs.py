@@ -43,6 +43,8 @@ def input_problem(path: Path, kind: str = "file") -> str | None:
         return "a file, where a folder is expected"
     if not stat.S_ISREG(info.st_mode):
         return "not a regular file (a device, FIFO or socket would never end)"
+    if info.st_size == 0:  # also what /proc files report, whose reading never ends or fails
+        return "an empty file"
     if info.st_size > MAX_INPUT_BYTES:
         return f"{info.st_size:,} bytes; an input may have at most {MAX_INPUT_BYTES:,}"
     return None

@@ -1,6 +1,7 @@
 """Hostile job files: mutated example jobs and crafted attacks through ``sdbatch validate``.
 
-Every file must give exit code 0 or 2, never a traceback; every problem line must read
+Every file must give exit code 0 or 2, never a traceback (a valid one also plans its first
+and last items); every problem line must read
 ``FILE:LINE:COLUMN: KEY.PATH: message`` and stay short; each file must validate within a
 time limit and a memory limit. Cases are generated from a seed, so a failure reproduces:
 
@@ -263,11 +264,16 @@ def worker(folder: Path, names: list[str]) -> None:
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
                 code = main(["validate", str(folder / name)])
+                count = re.search(r": ok, (\d+) items", out.getvalue())
+                if code == 0 and count:  # a valid job must also plan its first and last items
+                    last = max(0, int(count.group(1)) - 1)
+                    code = main(["plan", str(folder / name), "--limit", "2"]) or \
+                        main(["plan", str(folder / name), "--offset", str(last), "--limit", "1"])
         except SystemExit as exc:
             code = exc.code
         except BaseException:  # noqa: BLE001 - the finding
             code, error = None, traceback.format_exc(limit=-3)
-        print(json.dumps({"name": name, "code": code, "stderr": err.getvalue()[-20_000:], "traceback": error,
+        print(json.dumps({"name": name, "code": code, "stderr": err.getvalue()[:1_000_000], "traceback": error,
                           "seconds": time.monotonic() - began}), flush=True)
 
 

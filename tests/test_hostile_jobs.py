@@ -153,3 +153,24 @@ def test_info_on_a_decompression_bomb_or_a_device_reports_instead_of_crashing(tm
     err = capsys.readouterr().err
     assert f"{bomb}: cannot read: " in err and "decompression bomb" in err
     assert "/dev/zero: cannot read: not a regular file" in err
+
+
+def test_thousands_of_problems_print_the_first_two_hundred(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text("postprocess: [" + ", ".join(["1"] * 300) + "]\n")
+    code, err = validate(path, capsys)
+    rows = err.splitlines()
+    assert code == 2 and rows[0] == f"{path}: 300 problems found"
+    assert len(rows) == 202 and rows[-1] == f"{path}: 100 more problems found, not shown"
+
+
+@pytest.mark.parametrize("field", ["prompt_slug", "template_slug", "model", "sampler", "job"])
+def test_values_from_the_job_never_leave_the_folder_through_a_path_field(field):
+    from sdbatch.api import Item
+    from sdbatch.output import render_template
+
+    hostile = "../../etc/passwd/.."
+    item = Item(index=0, model=hostile, prompt=hostile, negative_prompt="", seed=1, steps=2, guidance=7.0,
+                sampler=hostile, width=64, height=64, template=hostile)
+    relpath = render_template(f"{{{field}}}/{{id}}.png", item, "png", job_name=hostile)
+    assert ".." not in Path(relpath).parts and not relpath.startswith("/") and relpath.count("/") == 1
