@@ -313,18 +313,17 @@ class OutputDir:
         target.parent.mkdir(parents=True, exist_ok=True)
         inside(self.root, target)
         temp = target.with_name(f".{target.name}.{os.getpid()}{TEMP_MARK}{target.suffix}")
-        _clear(temp)
-        try:  # whatever fails (a full disk, a conflict, a kill by exception), no temporary stays
-            fill(temp)
-            digest = _sha256_file(temp)
+        digest = ""
+
+        def write(path: Path) -> None:
+            nonlocal digest
+            fill(path)
+            digest = _sha256_file(path)
             self._claim_run_file(relpath, target, digest)
-            with open(temp, "rb+") as handle:
+            with open(path, "rb+") as handle:
                 os.fsync(handle.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            _clear(temp)
-            raise
-        fsync_folder(target.parent)
+
+        _replace_via(temp, target, write)
         return FileRecord(relpath, digest, writer)
 
     def _claim_run_file(self, relpath: str, target: Path, digest: str) -> None:
@@ -376,16 +375,24 @@ def atomic_write(target: Path, data: bytes) -> None:
     link someone planted there) and removed if anything fails, a full disk included.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_MARK}")
-    _clear(temp)
-    try:
+
+    def write(temp: Path) -> None:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+
+    _replace_via(target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_MARK}"), target, write)
+
+
+def _replace_via(temp: Path, target: Path, write) -> None:
+    """``write(temp)``, rename it over ``target``, fsync the folder; whatever fails, no temporary stays."""
+    _clear(temp)
+    try:
+        write(temp)
         os.replace(temp, target)
-    except BaseException:
+    except BaseException:  # a full disk, a conflict, an interrupt
         _clear(temp)
         raise
     fsync_folder(target.parent)
