@@ -168,7 +168,8 @@ class Sega(DirectionFinder):
 # ---------------------------------------------------------------- saved directions
 @dataclass
 class FileOptions:
-    path: str = field(metadata={"file": True, "help": "a .safetensors direction saved by an earlier run"})
+    path: str = field(metadata={"file": True, "format": "safetensors",
+                                "help": "a .safetensors direction saved by an earlier run"})
 
 
 class FileDirection(DirectionFinder):

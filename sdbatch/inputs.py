@@ -50,9 +50,9 @@ def input_problem(path: Path, kind: str = "file") -> str | None:
     return None
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """What a ``.safetensors`` file really is when it is not one (a renamed pickle); reads 9 bytes."""
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
+def safetensors_problem(path: Path, any_name: bool = False) -> str | None:
+    """What a ``.safetensors`` file (any file with ``any_name``) really is when it is not one; reads 9 bytes."""
+    if (path.suffix.lower() != ".safetensors" and not any_name) or not path.is_file():
         return None
     try:
         with open(path, "rb") as handle:
@@ -62,7 +62,7 @@ def safetensors_problem(path: Path) -> str | None:
         return f"cannot read {path}: {exc.strerror}"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         kind = "a PyTorch zip archive" if head.startswith(b"PK") else "a pickle"
-        return (f"{path.name} is {kind} renamed .safetensors, not safetensors; pickles can run code when loaded. "
+        return (f"{path.name} is {kind}, not safetensors; pickles can run code when loaded. "
                 "Convert it to safetensors, or rename it .ckpt and set allow_pickle: true if you trust it")
     length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
     if len(head) < 9 or head[8:9] != b"{" or 8 + length > size:
@@ -75,16 +75,29 @@ AUDIO_SIGNATURES = ((b"ID3", 0), (b"\xff\xfb", 0), (b"\xff\xf3", 0), (b"\xff\xf2
                     (b"\x1a\x45\xdf\xa3", 0), (b"FORM", 0))
 
 
+IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", 0), (b"\xff\xd8\xff", 0), (b"GIF8", 0), (b"BM", 0), (b"WEBP", 8),
+                    (b"II*\x00", 0), (b"MM\x00*", 0))
+
+
+def format_problem(path: Path, kind: str) -> str | None:
+    """Whether a regular file starts like its ``kind`` (image, audio or safetensors); reads 16 bytes."""
+    if kind == "safetensors":
+        return safetensors_problem(path, any_name=True)
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    signatures = {"image": IMAGE_SIGNATURES, "audio": AUDIO_SIGNATURES}[kind]
+    if not any(head[at:at + len(sig)] == sig for sig, at in signatures):
+        shown = {"image": "PNG, JPEG, WebP, BMP, TIFF or GIF", "audio": "mp3, wav, ogg, flac, m4a, webm"}[kind]
+        return f"{path.name} is not an {kind} file ({shown})"
+    return None
+
+
 def audio_problem(path: str) -> str | None:
     """None for a file that starts like audio (mp3, wav, ogg, flac, m4a/mp4, webm/mkv, aiff)."""
     problem = input_problem(Path(path))
     if problem:
         return f"audio {problem}: {path}"
-    with open(path, "rb") as handle:
-        head = handle.read(12)
-    if not any(head[at:at + len(sig)] == sig for sig, at in AUDIO_SIGNATURES):
-        return f"{path} is not an audio file (mp3, wav, ogg, flac, m4a, webm)"
-    return None
+    return format_problem(Path(path), "audio")
 
 
 def image_option_names(options_class) -> tuple[str, ...]:

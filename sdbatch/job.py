@@ -36,7 +36,8 @@ class KeyframeSpec:
     prompt: str | None = None
     negative_prompt: str | None = None
     seed: int | None = field(default=None, metadata=_m(min=0, max=MAX_SEED))
-    image: str | None = field(default=None, metadata=_m(file=True, help="an image to start from (DDIM-inverted)"))
+    image: str | None = field(default=None, metadata=_m(file=True, format="image",
+                                                         help="an image to start from (DDIM-inverted)"))
     easing: str | None = field(default=None, metadata=_m(help="easing of the segment that starts here"))
 
 
@@ -64,7 +65,7 @@ class EditSourceSpec:
     prompt: str | None = None
     negative_prompt: str | None = None
     seed: int | None = field(default=None, metadata=_m(min=0, max=MAX_SEED))
-    image: str | None = field(default=None, metadata=_m(file=True))
+    image: str | None = field(default=None, metadata=_m(file=True, format="image"))
 
 
 @dataclass

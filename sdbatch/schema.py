@@ -2,7 +2,8 @@
 
 The job schema and every plugin's options are plain dataclasses. Field metadata adds
 what types cannot say: ``min``/``max`` bounds, ``multiple_of``, ``file``/``folder``/``image``
-(the path must exist, relative to the job file; ``image`` takes a file or a folder of images),
+(the path must exist, relative to the job file; ``image`` takes a file or a folder of images;
+``format`` = image, audio or safetensors checks a file's first bytes),
 ``model_ref`` (a name, hub id or path; an existing path is made absolute), ``min_items``/
 ``max_items`` (list lengths; ``items`` holds the metadata of each entry) and ``help``
 (shown in errors).
@@ -158,7 +159,7 @@ class Checker:
             return self._model_ref(value, path)
         if meta.get("file") or meta.get("folder") or meta.get("image"):
             kind = "image" if meta.get("image") else "folder" if meta.get("folder") else "file"
-            return self._existing_path(value, path, kind)
+            return self._existing_path(value, path, kind, meta.get("format", "image" if kind == "image" else None))
         return value
 
     def _model_ref(self, value: str, path: KeyPath) -> str:
@@ -177,16 +178,18 @@ class Checker:
             raise self.fail(path, problem)
         return str(candidate)
 
-    def _existing_path(self, value: str, path: KeyPath, kind: str) -> str:
+    def _existing_path(self, value: str, path: KeyPath, kind: str, fmt: str | None = None) -> str:
         """The path resolved against the job's folder; a file, a folder, or (image) either.
 
         Files must be regular files of bounded size: a device (/dev/zero), a FIFO or a socket
         would hang the run, so it is refused here.
         """
-        from .inputs import input_problem
+        from .inputs import format_problem, input_problem
 
         resolved = _resolve(value, self.source.folder)
         problem = input_problem(resolved, kind) if resolved is not None else "not a usable path"
+        if not problem and fmt and resolved.is_file():
+            problem = format_problem(resolved, fmt)
         if problem:
             raise self.fail(path, f"{problem}: {shorten(value)}" + (
                 f" (looked for {shorten(str(resolved))})" if resolved is not None and str(resolved) != value else ""))

@@ -69,6 +69,10 @@ CASES = [
      "conditioners[1].img2img.image", ["not a regular file"]),
     ("audio-not-audio", "animation: {keyframes: {0: {prompt: a}, 3: {prompt: b}}}\n"
      "outputs: [frames, {video: {audio: /etc/passwd}}]\n", "video", "outputs[1].video", ["not an audio file"]),
+    ("image-not-an-image", "animation: {keyframes: {0: {image: /etc/passwd}, 3: {prompt: b}}}\n", "image",
+     "animation.keyframes[0].image", ["not an image file"]),
+    ("direction-not-safetensors", "edit:\n  source: {prompt: a, seed: 1}\n  directions: [{kind: file, path: "
+     "/etc/passwd}]\n", "path", "edit.directions[0].path", ["not a safetensors file"]),
     ("control-character", "prompt: \"a\x07b\"\n", "\x07", "", ["U+0007"]),
 ]
 
