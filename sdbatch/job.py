@@ -21,6 +21,7 @@ from .schema import Checker, Invalid, _kind, option_fields
 from .yamlsource import Source, load_file, load_text
 
 MAX_SEED = 2**32 - 1
+MAX_ITEMS = 10**12
 MAX_FRAMES = 100_000  # over an hour at 24 fps; a longer animation is more likely a typo than a plan
 _FRAME = re.compile(r"[0-9]{1,12}")  # ASCII digits only: int() also reads '٣' and '０'
 
@@ -224,6 +225,8 @@ class _Validator:
             postprocess=tuple(uses["postprocess"]), timeline=timeline, edit=edit, inputs=inputs,
             batch_options=self._batch_options(uses),
         )
+        if plan.size > MAX_ITEMS:  # len() would overflow past 2**63; no run gets near this anyway
+            self.fail(("sweep",) if spec.sweep else (), f"the plan has {plan.size:.3g} items; the limit is {MAX_ITEMS:,}")
         job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
         for writer_class, options, use, index in writers:
             for message in writer_class.check(options, job):

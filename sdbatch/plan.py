@@ -244,6 +244,11 @@ class Plan:
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def size(self) -> int:
+        """The item count as an exact int (len() stops at 2**63)."""
+        return self._count
+
     count = __len__
 
     def __iter__(self) -> Iterator[Item]:

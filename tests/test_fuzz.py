@@ -203,6 +203,8 @@ def crafted(rng: random.Random) -> list[bytes]:
         "prompt: \"a __../x__\"\nprompt_sampling: random\n", "prompt: \"a __../x__\"\n",
         "prompt: \"\x07bell\"\n".encode("utf-8"), b"prompt: \"\xff\xfe\"\n", b"prompt: x\n\x00\n",
         "sweep: {seed: {start: 0, count: 1000000000000000}}\n",
+        "sweep: {seed: {start: 0, count: 4000000000}, steps: [" + ", ".join(map(str, range(1, 1001)))
+        + "], negative_prompt: [" + ", ".join(f"n{i}" for i in range(5000)) + "]}\n",
         "sweep: {seed: [" + ", ".join(str(i) for i in range(5000)) + "], steps: [" + ", ".join("1" for _ in range(5000)) + "]}\n",
         "conditioners:\n  - text\n  - img2img: {image: /dev/zero}\n", "conditioners:\n  - text\n  - img2img: {image: /dev/urandom}\n",
         "animation: {keyframes: {0: {prompt: a}, 12: {prompt: b}}}\noutputs: [frames, {video: {audio: /etc/passwd}}]\n",

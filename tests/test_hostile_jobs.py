@@ -73,6 +73,9 @@ CASES = [
      "animation.keyframes[0].image", ["not an image file"]),
     ("direction-not-safetensors", "edit:\n  source: {prompt: a, seed: 1}\n  directions: [{kind: file, path: "
      "/etc/passwd}]\n", "path", "edit.directions[0].path", ["not a safetensors file"]),
+    ("plan-too-large", "sweep: {seed: {start: 0, count: 4000000000}, steps: [" + ", ".join(map(str, range(1, 1001)))
+     + "], guidance: [" + ", ".join(map(str, range(101))) + "], width: [" + ", ".join(str(8 * i) for i in range(1, 1001))
+     + "]}\n", "sweep", "sweep", ["the plan has 4.04e+17 items; the limit is 1,000,000,000,000"]),
     ("control-character", "prompt: \"a\x07b\"\n", "\x07", "", ["U+0007"]),
 ]
 
