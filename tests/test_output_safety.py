@@ -202,3 +202,27 @@ def test_a_full_disk_stops_the_run_with_one_message_and_the_run_resumes(write_jo
     ids = [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 6
     assert len(list(out.rglob("*.png"))) == 6
+
+
+# ---------------------------------------------------------------- what a killed Ray driver leaves
+def test_the_next_run_ends_only_leftovers_of_a_noted_dead_cluster(tmp_path):
+    from sdbatch.ray_executor import SESSIONS, reap_sessions
+
+    def process(*words):  # a stand-in whose command line names a session, as Ray's agents' do
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *words])
+
+    dead, live = f"session_dead_{os.getpid()}", f"session_live_{os.getpid()}"
+    agent = process("ray::DashboardAgent", f"--session-dir=/tmp/ray/{dead}")
+    other_agent = process("ray::RuntimeEnvAgent", f"--session-dir=/tmp/ray/{live}")
+    raylet = process("raylet", f"--session_name={live}")  # that cluster is still running
+    stranger = process("ray::DashboardAgent", "--session-dir=/tmp/ray/session_not_noted")
+    try:
+        (tmp_path / SESSIONS).write_text(f"{dead}\n{live}\n")
+        assert reap_sessions(tmp_path) == [agent.pid]
+        assert agent.wait(timeout=10) == -signal.SIGKILL
+        assert other_agent.poll() is None and raylet.poll() is None and stranger.poll() is None
+        assert (tmp_path / SESSIONS).read_text().split() == [live]  # noted until its cluster is gone
+    finally:
+        for proc in (agent, other_agent, raylet, stranger):
+            proc.kill()
+            proc.wait()
