@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import os
 import stat
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +48,20 @@ def input_problem(path: Path, kind: str = "file") -> str | None:
         return "an empty file"
     if info.st_size > MAX_INPUT_BYTES:
         return f"{info.st_size:,} bytes; an input may have at most {MAX_INPUT_BYTES:,}"
+    return None
+
+
+def folder_problem(folder: Path, limit: int = 10_000) -> str | None:
+    """A folder whose files are read (wildcards): any FIFO, device or oversized file in it is refused."""
+    seen = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            seen += 1
+            if seen > limit:
+                return f"{folder} holds more than {limit:,} files"
+            problem = input_problem(Path(root) / name)
+            if problem and problem != "an empty file":
+                return f"{Path(root, name)}: {problem}"
     return None
 
 

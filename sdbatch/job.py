@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from .api import ModelRequest, PluginUse
 from .errors import JobError, KeyPath, did_you_mean, short_repr, shorten
-from .inputs import IMAGE_SUFFIXES, InputFiles, image_files, image_option_names, safetensors_problem
+from .inputs import IMAGE_SUFFIXES, InputFiles, folder_problem, image_files, image_option_names, safetensors_problem
 from .output import check_name
 from .plan import SIZE_PATTERN, Axis, Plan, SeedRange, expand_prompts, PromptError
 from .plugins import Registry
@@ -206,6 +206,10 @@ class _Validator:
                 self.fail((section,), self.registry.unknown_message("conditioner", conditioner))
             else:
                 uses["conditioners"].append(PluginUse(conditioner, {}))  # runs after the text conditioner
+        wildcards_problem = folder_problem(Path(spec.wildcards)) if spec.wildcards else None
+        if wildcards_problem:  # dynamicprompts would read a FIFO there forever
+            self.fail(("wildcards",), wildcards_problem)
+            spec.wildcards = None
         name_problem = check_name(spec.name) if spec.name is not None else None
         if name_problem:
             self.fail(("name",), name_problem)

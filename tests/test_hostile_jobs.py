@@ -124,6 +124,16 @@ def test_fifo_input_is_refused_at_validation(tmp_path, capsys):
     assert code == 2 and "not a regular file" in err
 
 
+def test_a_fifo_in_the_wildcards_folder_is_refused_instead_of_read_forever(tmp_path, capsys):
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "colors.txt").write_text("red\nblue\n")
+    os.mkfifo(tmp_path / "cards" / "shapes.txt")
+    path = tmp_path / "job.yaml"
+    path.write_text("wildcards: cards\nprompt: a __colors__ __shapes__\n")
+    code, err = validate(path, capsys)
+    assert code == 2 and f"{path}:1:1: wildcards: " in err and "shapes.txt: not a regular file" in err
+
+
 def test_fifo_job_file_is_refused(tmp_path, capsys):
     fifo = tmp_path / "job.yaml"
     os.mkfifo(fifo)
