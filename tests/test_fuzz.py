@@ -155,9 +155,17 @@ def _mutate_node(data, rng: random.Random):
 
 
 def mutate_text(text: str, rng: random.Random) -> bytes:
-    """Damage at the byte level: cuts, stray characters, invalid UTF-8, tabs."""
+    """Damage to the text: cuts, stray characters, invalid UTF-8, repeated or re-indented lines."""
+    lines = text.split("\n")
+    op = rng.randrange(8)
+    if op >= 6 and len(lines) > 1:  # a repeated line (duplicate keys) or a line shifted out of its block
+        at = rng.randrange(len(lines))
+        if op == 6:
+            lines.insert(at, lines[at])
+        else:
+            lines[at] = rng.choice(["", "  ", "    "]) + lines[at].strip()
+        return "\n".join(lines).encode("utf-8")
     data = text.encode("utf-8")
-    op = rng.randrange(6)
     pos = rng.randrange(len(data) + 1)
     if op == 0:
         return data[:pos]
