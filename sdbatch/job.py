@@ -6,8 +6,8 @@ see README.md ("Job file reference") for a commented example.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +17,7 @@ from .inputs import IMAGE_SUFFIXES, InputFiles, folder_problem, image_files, ima
 from .output import check_name
 from .plan import SIZE_PATTERN, Axis, Plan, SeedRange, expand_prompts, PromptError
 from .plugins import Registry
-from .schema import Checker, Invalid, _kind, option_fields
+from .schema import Checker, Invalid, kind_of, option_fields
 from .yamlsource import Source, load_file, load_text
 
 MAX_SEED = 2**32 - 1
@@ -230,7 +230,8 @@ class _Validator:
             batch_options=self._batch_options(uses),
         )
         if plan.size > MAX_ITEMS:  # len() would overflow past 2**63; no run gets near this anyway
-            self.fail(("sweep",) if spec.sweep else (), f"the plan has {plan.size:.3g} items; the limit is {MAX_ITEMS:,}")
+            self.fail(("sweep",) if spec.sweep else (),
+                      f"the plan has {plan.size:.3g} items; the limit is {MAX_ITEMS:,}")
         job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
         for writer_class, options, use, index in writers:
             for message in writer_class.check(options, job):
@@ -290,7 +291,7 @@ class _Validator:
         result, self.positions[key] = [], []
         if not isinstance(value, list):
             self.fail((key,), f"expected a list of {kind}s (a name, or a mapping of name to options), "
-                              f"got {_kind(value)}")
+                              f"got {kind_of(value)}")
             return []
         for index, raw in enumerate(value):
             path = (key, index)
@@ -345,9 +346,9 @@ class _Validator:
         return infos
 
     def describe_model(self, ref: str, path: KeyPath):
-        from .schema import _resolve
+        from .schema import resolve_path
 
-        candidate = _resolve(ref, self.source.folder)
+        candidate = resolve_path(ref, self.source.folder)
         if candidate is None or len(ref) > 4096:
             self.fail(path, f"model '{shorten(ref)}' is not a name, a hub id or a path")
             return None

@@ -141,8 +141,9 @@ class LocalExecutor:
         except (KeyboardInterrupt, SdbatchError):
             raise
         except Exception as exc:  # one bad item must not stop a long run
-            if DiskFull.wrap(exc, self.context.out.root):  # no item can succeed: stop, resumable
-                raise DiskFull.wrap(exc, self.context.out.root) from exc
+            full = DiskFull.wrap(exc, self.context.out.root)
+            if full:  # no item can succeed: stop, resumable
+                raise full from exc
             if len(batch) > 1:
                 # Pixels never depend on batch composition, so render the items alone to find the bad ones.
                 for item in batch:

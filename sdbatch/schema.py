@@ -67,7 +67,7 @@ class Checker:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping of {_describe(cls)}, got {_kind(value)}")
+            raise self.fail(path, f"expected a mapping of {_describe(cls)}, got {kind_of(value)}")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         kwargs, broken = {}, False
@@ -103,14 +103,14 @@ class Checker:
             except Invalid:
                 continue
             return result
-        raise self.fail(path, f"expected {' or '.join(_describe(a) for a in non_null)}, got {_kind(value)} "
+        raise self.fail(path, f"expected {' or '.join(_describe(a) for a in non_null)}, got {kind_of(value)} "
                               f"{short_repr(value)}")
 
     def _list(self, value, tp, path, meta):
         args = typing.get_args(tp)
         item_type = args[0] if args else Any
         if not isinstance(value, list):
-            raise self.fail(path, f"expected a list, got {_kind(value)}")
+            raise self.fail(path, f"expected a list, got {kind_of(value)}")
         result, broken = [], False
         for i, item in enumerate(value):
             try:
@@ -129,7 +129,7 @@ class Checker:
         args = typing.get_args(tp)
         value_type = args[1] if len(args) == 2 else Any
         if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {_kind(value)}")
+            raise self.fail(path, f"expected a mapping, got {kind_of(value)}")
         result, broken = {}, False
         for key, item in value.items():
             try:
@@ -146,7 +146,7 @@ class Checker:
         if tp is Path:
             tp = str
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise self.fail(path, f"expected {_describe(tp)}, got {_kind(value)} {short_repr(value)}" + _help(meta))
+            raise self.fail(path, f"expected {_describe(tp)}, got {kind_of(value)} {short_repr(value)}" + _help(meta))
         if tp is float and not math.isfinite(value):
             raise self.fail(path, f"expected a finite number, got {short_repr(value)}")
         if "min" in meta and value < meta["min"]:
@@ -166,7 +166,7 @@ class Checker:
         """An existing path made absolute (a .safetensors file's header checked); else the name as given."""
         from .inputs import safetensors_problem
 
-        candidate = _resolve(value, self.source.folder)
+        candidate = resolve_path(value, self.source.folder)
         try:
             exists = candidate is not None and candidate.exists()
         except OSError:
@@ -186,7 +186,7 @@ class Checker:
         """
         from .inputs import format_problem, input_problem
 
-        resolved = _resolve(value, self.source.folder)
+        resolved = resolve_path(value, self.source.folder)
         problem = input_problem(resolved, kind) if resolved is not None else "not a usable path"
         if not problem and fmt and resolved.is_file():
             problem = format_problem(resolved, fmt)
@@ -196,7 +196,7 @@ class Checker:
         return str(resolved)
 
 
-def _resolve(value: str, folder: Path) -> Path | None:
+def resolve_path(value: str, folder: Path) -> Path | None:
     """``value`` as a path relative to ``folder``; None when no path can be made of it (a NUL, a bad ~user)."""
     if not value or "\0" in value:
         return None
@@ -211,7 +211,7 @@ def _help(meta) -> str:
     return f" ({meta['help']})" if meta and meta.get("help") else ""
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     if value is None:
         return "nothing (null)"
     return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "an integer", float: "a number"}.get(
