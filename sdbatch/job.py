@@ -234,13 +234,21 @@ class _Validator:
                       f"the plan has {plan.size:.3g} items; the limit is {MAX_ITEMS:,}")
         job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
         for writer_class, options, use, index in writers:
-            for message in writer_class.check(options, job):
-                self.fail(("outputs", index, use.name), message)
+            self._plugin_check(("outputs", index, use.name), lambda: writer_class.check(options, job))
         for index, use in zip(self.positions["conditioners"], uses["conditioners"]):
             conditioner = self.registry.get("conditioner", use.name).obj
-            for message in conditioner.check(conditioner.parse_options(use.options), job):
-                self.fail(("conditioners", index, use.name), message)
+            self._plugin_check(("conditioners", index, use.name),
+                               lambda: conditioner.check(conditioner.parse_options(use.options), job))
         return job
+
+    def _plugin_check(self, path: KeyPath, check) -> None:
+        """A plugin's problems with its use; a file it cannot read (a path it stats) is one too."""
+        try:
+            messages = check()
+        except OSError as exc:
+            messages = [f"cannot read {shorten(str(exc.filename or ''))}: {exc.strerror or exc}"]
+        for message in messages:
+            self.fail(path, message)
 
     # -- input images ------------------------------------------------------------------
     def _input_files(self, uses: dict, timeline) -> InputFiles:
@@ -346,10 +354,10 @@ class _Validator:
         return infos
 
     def describe_model(self, ref: str, path: KeyPath):
-        from .schema import resolve_path
+        from .schema import resolve_path, too_long_for_a_path
 
         candidate = resolve_path(ref, self.source.folder)
-        if candidate is None or len(ref) > 4096:
+        if candidate is None or too_long_for_a_path(ref):
             self.fail(path, f"model '{shorten(ref)}' is not a name, a hub id or a path")
             return None
         problem = safetensors_problem(candidate)

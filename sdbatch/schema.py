@@ -166,6 +166,8 @@ class Checker:
         """An existing path made absolute (a .safetensors file's header checked); else the name as given."""
         from .inputs import safetensors_problem
 
+        if too_long_for_a_path(value):  # plugins would stat it and get ENAMETOOLONG
+            raise self.fail(path, f"not a name, a hub id or a path: {shorten(value)}")
         candidate = resolve_path(value, self.source.folder)
         try:
             exists = candidate is not None and candidate.exists()
@@ -194,6 +196,11 @@ class Checker:
             raise self.fail(path, f"{problem}: {shorten(value)}" + (
                 f" (looked for {shorten(str(resolved))})" if resolved is not None and str(resolved) != value else ""))
         return str(resolved)
+
+
+def too_long_for_a_path(value: str) -> bool:
+    """Longer than any file system takes: 4096 bytes in all or 255 in one part (and so no hub id)."""
+    return len(value.encode()) > 4096 or any(len(part.encode()) > 255 for part in value.split("/"))
 
 
 def resolve_path(value: str, folder: Path) -> Path | None:

@@ -53,6 +53,8 @@ CASES = [
     ("conditioners-mapping", "conditioners: {text: {}}\n", "conditioners", "conditioners", ["expected a list"]),
     ("empty-output", "outputs: [{}]\n", "{}", "outputs[0]", ["one-key mapping"]),
     ("long-model-path", "model: \"" + "m" * 5000 + "\"\n", "model", "model", ["mmmm...("]),
+    ("long-controlnet-name", "conditioners: [text, {canny: {image: a.png, controlnet: " + "c" * 300 + "}}]\n",
+     "controlnet", "conditioners[1].canny.controlnet", ["not a name, a hub id or a path"]),
     ("long-wildcards-path", "wildcards: \"" + "w" * 5000 + "\"\n", "wildcards", "wildcards", ["File name too long"]),
     ("empty-direction-pair", "edit:\n  source: {prompt: a, seed: 1}\n  directions: [{kind: prompt-difference, "
      "pairs: [[]]}]\n", "[]]", "edit.directions[0].pairs[0]", ["at least 2 entries"]),
