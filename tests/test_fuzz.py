@@ -13,6 +13,10 @@ ones, keys renamed, types swapped, sections wrapped or deleted) and adds text-le
 (cut files, invalid UTF-8, control characters, alias bombs, deep nesting). Each case runs
 in a worker process (``--worker``) under a memory limit; the parent kills a worker that
 passes the time limit, counts a hang and starts a new one for the remaining cases.
+
+For figures before a change, ``SDBATCH_FUZZ_CODE=FOLDER`` makes the worker import ``sdbatch`` and
+``sdbatch_plugins`` from FOLDER (links to an older checkout's sdbatch/ and plugins/) instead of
+this checkout.
 """
 
 from __future__ import annotations
