@@ -11,7 +11,7 @@ from __future__ import annotations
 from sdbatch import hookimpl
 from sdbatch.api import Conditioner
 
-from .text import clip_skip_of, encode_prompt
+from .text import clip_skip_of
 
 
 class KeyframesConditioner(Conditioner):
@@ -35,10 +35,10 @@ class KeyframesConditioner(Conditioner):
             end = animation["to"]
             skip = clip_skip_of(item)
             mix_text = slerp_rows if animation["embeddings"] == "slerp" else MIXERS["lerp"]
-            state.prompt_embeds[row] = mix_text(encode_prompt(model, start["prompt"], skip),
-                                                encode_prompt(model, end["prompt"], skip), t)
-            state.negative_prompt_embeds[row] = mix_text(encode_prompt(model, start["negative_prompt"], skip),
-                                                         encode_prompt(model, end["negative_prompt"], skip), t)
+            for rows, key in ((state.prompt, "prompt"), (state.negative, "negative_prompt")):
+                a, b = model.encode_prompt(start[key], clip_skip=skip), model.encode_prompt(end[key], clip_skip=skip)
+                for name in rows:  # every conditioning tensor moves: hidden states and pooled embeddings
+                    rows[name][row] = mix_text(a[name], b[name], t)
             mix_noise = MIXERS[animation["noise"]]
             state.latents[row] = mix_noise(start_latents(model, item, start),
                                            start_latents(model, item, end), t)
@@ -49,11 +49,10 @@ def start_latents(model, item, start: dict):
     from sdbatch.inversion import invert_image_file
     from sdbatch.latents import initial_noise
 
-    factor = model.vae_scale_factor
     if not start.get("image"):
-        return initial_noise(start["seed"], (model.latent_channels, item.height // factor, item.width // factor))
-    embeds = encode_prompt(model, start["prompt"], clip_skip_of(item))
-    return invert_image_file(model, start["image"], start["image_sha256"], start["prompt"], embeds,
+        return initial_noise(start["seed"], model.family.latent_shape(model, item.width, item.height))
+    conditioning = model.encode_prompt(start["prompt"], clip_skip=clip_skip_of(item))
+    return invert_image_file(model, start["image"], start["image_sha256"], start["prompt"], conditioning,
                              item.steps, item.width, item.height)
 
 

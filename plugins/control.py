@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from sdbatch import hookimpl
-from sdbatch.api import Conditioner, Writer
+from sdbatch.api import Conditioner, Extension, Writer
 
 IMAGE_HELP = "an image file, a folder (one item per image) or, in an animation, a folder with one image per frame"
 RESIZE_MODES = ("crop", "fit", "stretch", "none")
@@ -31,8 +31,12 @@ RESIZE_MODES = ("crop", "fit", "stretch", "none")
 MAP_CACHE_SIZE = 256
 
 
-def _m(**meta) -> dict:
+def field_meta(**meta) -> dict:
+    """Option metadata (help, ranges, image=True ...) as the job schema reads it."""
     return meta
+
+
+_m = field_meta
 
 
 @dataclass
@@ -55,6 +59,7 @@ class ControlConditioner(Conditioner):
     Options = ControlOptions
     # One net per conditioner and batch: items that sweep the ControlNet never share a batch.
     batch_options = ("controlnet", "allow_pickle")
+    requires = ("controlnet",)
 
     def preprocess(self, image, options, device: str):
         """The control map (RGB PIL image, same size) for an input already at the item's size."""
@@ -67,11 +72,9 @@ class ControlConditioner(Conditioner):
         shared = {f.name for f in dataclasses.fields(ControlOptions)}
         return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in shared}
 
-    def condition(self, items, options, model, state) -> None:
+    def condition(self, items, options, model, state):
         import numpy as np
         import torch
-
-        from sdbatch.render import Control
 
         maps = []
         for row, (item, opts) in enumerate(zip(items, options)):
@@ -79,8 +82,8 @@ class ControlConditioner(Conditioner):
             state.outputs[row].setdefault("control_maps", {})[self.name] = (control_map, key)
             maps.append(torch.from_numpy(np.asarray(control_map, dtype=np.float32) / 255.0).permute(2, 0, 1))
         net = load_controlnet(options[0].controlnet, model, options[0].allow_pickle)
-        state.controls.append(Control(net=net, images=torch.stack(maps), scales=[o.scale for o in options],
-                                      starts=[o.start for o in options], ends=[o.end for o in options]))
+        return ControlExtension(state, net, torch.stack(maps), [o.scale for o in options],
+                                [o.start for o in options], [o.end for o in options])
 
     def control_map(self, item, options, device: str):
         """The item's control map and its cache key (a hash), from the per-worker cache when possible."""
@@ -121,6 +124,36 @@ class ControlConditioner(Conditioner):
         if options.end <= options.start:
             problems.append(f"end ({options.end}) must be after start ({options.start})")
         return problems
+
+
+class ControlExtension(Extension):
+    """One ControlNet in the loop: its residuals, scaled per row, added to the U-Net's.
+
+    ``images`` is (rows, 3, H, W) in 0..1 at the output size; a net is on for a row while
+    ``start <= step/steps`` and ``(step+1)/steps <= end`` (the A1111 extension's guidance
+    start/end), so one batch can sweep the control scale and its window.
+    """
+
+    def __init__(self, state, net, images, scales: list, starts: list, ends: list):
+        self.state, self.net, self.images = state, net, images
+        self.scales, self.starts, self.ends = scales, starts, ends
+
+    def denoiser_kwargs(self, step, t, x, cond) -> dict:
+        import torch
+
+        state, model = self.state, self.state.model
+        total = len(state.timesteps)
+        weights = [scale if (step / total >= start and (step + 1) / total <= end) else 0.0
+                   for scale, start, end in zip(self.scales, self.starts, self.ends)]
+        if not any(weights):
+            return {}
+        images = state.for_guidance(self.images.to(x.device, x.dtype))
+        weight = state.for_guidance(torch.tensor(weights, device=x.device, dtype=x.dtype)).view(-1, 1, 1, 1)
+        first = state.items[0]
+        inputs = model.family.unet_inputs(model, x, cond, first.width, first.height)
+        down, mid = self.net(x, t, controlnet_cond=images, conditioning_scale=1.0, return_dict=False, **inputs)
+        return {"down_block_additional_residuals": [residual * weight for residual in down],
+                "mid_block_additional_residual": mid * weight}
 
 
 _MAPS: OrderedDict = OrderedDict()

@@ -22,6 +22,7 @@ class PromptDifference(DirectionFinder):
     """E(to) - E(from) on the text encoder's hidden states, averaged over sentence pairs (pix2pix-zero)."""
 
     name = "prompt-difference"
+    requires = ("text_edit",)
     description = "text-embedding direction from prompt pairs"
     Options = PromptDifferenceOptions
 
@@ -58,6 +59,7 @@ class LocalBasis(DirectionFinder):
     """Top right singular vectors of d(mid-block output)/d(x_t), by power iteration with jvp/vjp."""
 
     name = "local-basis"
+    requires = ("local_basis",)
     description = "Riemannian local basis of x_t (Park et al., NeurIPS 2023)"
     Options = LocalBasisOptions
 
@@ -154,6 +156,7 @@ class Sega(DirectionFinder):
     """Semantic guidance (Brack et al. 2023): an editing prompt as extra guidance, strength = its scale."""
 
     name = "sega"
+    requires = ("sega",)
     description = "semantic guidance with an editing prompt"
     Options = SegaOptions
 

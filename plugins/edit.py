@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 from sdbatch import hookimpl
-from sdbatch.api import Conditioner, Writer
+from sdbatch.api import Conditioner, Extension, Writer
 
 from .animation import start_latents
 from .xyz_grid import GridOptions, XYZGrid
@@ -23,10 +23,10 @@ class EditConditioner(Conditioner):
     name = "edit"
     description = "applies edit directions with each item's strength"
 
-    def condition(self, items, options, model, state) -> None:
+    def condition(self, items, options, model, state):
         from sdbatch.editing import EditSource, edit_step
 
-        sega_rows = []
+        extension = EditExtension(state)
         for row, item in enumerate(items):
             edit = item.extra.get("edit")
             if edit is None:
@@ -34,59 +34,70 @@ class EditConditioner(Conditioner):
             source_latents = start_latents(model, item, edit["source"])
             if edit["source"].get("image"):
                 state.latents[row] = source_latents
-            source = EditSource(model, item, edit["source"], source_latents)
+            source = EditSource(state, row, edit["source"], source_latents)
             direction = self.direction(state.registry, model, item, edit, source)
             state.outputs[row]["direction"] = direction
             strength = edit["strength"]
             if strength == 0:
                 continue
             if direction.space == "text":
-                state.prompt_embeds[row] = state.prompt_embeds[row] + strength * direction.tensor.to(
-                    state.prompt_embeds.device, state.prompt_embeds.dtype)
+                hidden = state.prompt["encoder_hidden_states"]
+                hidden[row] = hidden[row] + strength * direction.tensor.to(hidden.device, hidden.dtype)
             elif direction.space == "latent":
-                step = edit_step(self.timesteps(state.registry, model, item), direction.meta["timestep"])
-                state.latent_edits[row] = (step, strength * direction.tensor)
+                step = edit_step(state.timesteps, direction.meta["timestep"])
+                extension.latent_edits[row] = (step, strength * direction.tensor)
             elif direction.space == "guidance":
-                sega_rows.append((row, strength, direction))
+                extension.sega_rows.append((row, strength, direction))
             else:
                 raise ValueError(f"direction {direction.name!r} has unknown space {direction.space!r}")
-        if sega_rows:
-            state.noise_terms.append(self.sega_term(model, items, sega_rows))
+        return extension if extension.latent_edits or extension.sega_rows else None
 
     def direction(self, registry, model, item, edit: dict, source):
         """The item's direction, found once per (source, direction entry, steps, size) per model."""
         spec = edit["direction"]
-        key = json.dumps([edit["source"], spec["kind"], spec["options"], item.steps, item.width, item.height,
-                          item.guidance], sort_keys=True)
+        key = json.dumps([model.cache_key, edit["source"], spec["kind"], spec["options"], item.sampler, item.steps,
+                          item.width, item.height, item.guidance], sort_keys=True)
         cache = model.extra.setdefault("edit_directions", {})
         if key not in cache:
             finder = registry.require("direction", spec["kind"]).obj
             cache[key] = finder.find(model, source, finder.parse_options(spec["options"]))
         return cache[key][spec["index"]]
 
-    def timesteps(self, registry, model, item):
-        """The item's sampling timesteps, to find the step where a latent edit applies."""
-        scheduler = registry.require("sampler", item.sampler).obj.create(model.scheduler_config)
-        scheduler.set_timesteps(item.steps)
-        return scheduler.timesteps
 
-    def sega_term(self, model, items, rows):
+class EditExtension(Extension):
+    """Latent edits (x_t moved at a step) and semantic guidance (SEGA) inside the denoising loop."""
+
+    def __init__(self, state):
+        self.state = state
+        self.latent_edits: dict = {}  # row -> (step index, delta)
+        self.sega_rows: list = []  # (row, strength, direction)
+
+    def before_step(self, step, t, latents):
+        for row, (at_step, delta) in self.latent_edits.items():
+            if at_step == step:  # the edit moves this row's x_t, then sampling goes on from there
+                latents[row] = latents[row] + delta.to(latents.device, latents.dtype)
+        return latents
+
+    def guide(self, step, t, x, uncond, text):
         """Semantic guidance: strength x (eps(edit) - eps(uncond)), masked to its top quantile, after warm-up."""
         import torch
 
-        def term(step, t, latents, uncond, text):
-            addition = torch.zeros_like(uncond)
-            for row, strength, direction in rows:
-                if step < direction.meta["warmup"] * items[row].steps:
-                    continue
-                embeds = direction.tensor.to(latents.device, latents.dtype)[None]
-                edit = model.unet(latents[row:row + 1], t, encoder_hidden_states=embeds, return_dict=False)[0][0]
-                guide = edit - uncond[row]
-                cutoff = torch.quantile(guide.abs().flatten().float(), direction.meta["threshold"])
-                addition[row] = strength * torch.where(guide.abs() >= cutoff, guide, torch.zeros_like(guide))
-            return addition
-
-        return term
+        if not self.sega_rows:
+            return None
+        state, model = self.state, self.state.model
+        first = state.items[0]
+        addition = torch.zeros_like(uncond)
+        for row, strength, direction in self.sega_rows:
+            if step < direction.meta["warmup"] * state.items[row].steps:
+                continue
+            cond = {name: value[row:row + 1] for name, value in state.prompt.items()}
+            cond["encoder_hidden_states"] = direction.tensor.to(x.device, x.dtype)[None]
+            guidance = torch.ones(1)
+            edit = model.family.denoise(model, x[row:row + 1], t, cond, guidance, first.width, first.height)[0]
+            guide = edit - uncond[row]
+            cutoff = torch.quantile(guide.abs().flatten().float(), direction.meta["threshold"])
+            addition[row] = strength * torch.where(guide.abs() >= cutoff, guide, torch.zeros_like(guide))
+        return addition
 
 
 @dataclass

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sdbatch import hookimpl
-from sdbatch.api import Conditioner
+from sdbatch.api import Conditioner, Extension
 
-from .control import IMAGE_HELP, _m, input_file, load_image
+from .control import IMAGE_HELP, field_meta as _m, input_file, load_image
 
 
 @dataclass
@@ -38,20 +38,46 @@ class Img2ImgConditioner(Conditioner):
     description = "start from an input image (denoising strength)"
     Options = Img2ImgOptions
     batch_options = ("strength",)
+    requires = ("img2img",)
 
-    def condition(self, items, options, model, state) -> None:
-        self.start_from_images(items, options, model, state)
+    def strength(self, options) -> float:
+        return options.strength
 
-    def start_from_images(self, items, options, model, state) -> list:
-        """Encode each item's image as its starting latents; returns the images (at the item's size)."""
+    def condition(self, items, options, model, state):
+        images = self.images(items, options)
+        return Img2ImgExtension(state, self.clean_latents(model, images))
+
+    def images(self, items, options) -> list:
+        """Each item's input image at the item's size."""
+        return [load_image(input_file(item, opts.image), item.width, item.height, opts.resize)
+                for item, opts in zip(items, options)]
+
+    def clean_latents(self, model, images):
+        """The images' VAE latents (the posterior mean: no randomness beyond the item's seed)."""
+        import torch
+
         from sdbatch.inversion import encode_image
 
-        images = [load_image(input_file(item, opts.image), item.width, item.height, opts.resize)
-                  for item, opts in zip(items, options)]
-        for row, image in enumerate(images):
-            state.init_latents[row] = encode_image(model, image)
-        state.denoise = options[0].strength
-        return images
+        return torch.stack([encode_image(model, image) for image in images]).to(model.device, model.dtype)
+
+
+class Img2ImgExtension(Extension):
+    """x at the first step is the image's latents noised to that step (as diffusers' img2img pipelines)."""
+
+    def __init__(self, state, clean):
+        self.state = state
+        self.clean = state.model.family.pack(state.model, clean)
+
+    def noised(self, timestep):
+        """The clean latents noised to ``timestep`` with each item's own noise."""
+        scheduler, noise = self.state.scheduler, self.state.noise
+        timestep = timestep.reshape(1)
+        if hasattr(scheduler, "scale_noise"):  # flow matching: x_t = (1 - sigma) x_0 + sigma noise
+            return scheduler.scale_noise(self.clean, timestep, noise)
+        return scheduler.add_noise(self.clean, noise, timestep.repeat(len(noise)))
+
+    def start(self, state) -> None:
+        state.x = self.noised(state.timesteps[0])
 
 
 @dataclass
@@ -70,15 +96,17 @@ class InpaintConditioner(Img2ImgConditioner):
     name = "inpaint"
     description = "repaint the masked part of an input image"
     Options = InpaintOptions
+    requires = ("inpaint",)
 
-    def condition(self, items, options, model, state) -> None:
+    def condition(self, items, options, model, state):
         import numpy as np
         import torch
         from PIL import Image, ImageFilter, ImageOps
 
-        originals = self.start_from_images(items, options, model, state)
+        originals = self.images(items, options)
         factor = model.vae_scale_factor
-        for row, (item, opts, original) in enumerate(zip(items, options, originals)):
+        masks, overlays = [], []
+        for item, opts, original in zip(items, options, originals):
             mask = load_image(input_file(item, opts.mask), item.width, item.height, opts.resize, mode="L")
             if opts.invert_mask:
                 mask = ImageOps.invert(mask)
@@ -86,12 +114,49 @@ class InpaintConditioner(Img2ImgConditioner):
                 mask = mask.filter(ImageFilter.GaussianBlur(opts.mask_blur))
             latent_size = (item.width // factor, item.height // factor)
             small = np.asarray(mask.resize(latent_size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-            state.inpaint_masks[row] = torch.from_numpy(small.clip(0, 1))[None]
-            if opts.overlay:
-                state.finishers[row].append(_overlay(original, mask))
+            masks.append(torch.from_numpy(small.clip(0, 1))[None])
+            overlays.append(_overlay(original, mask) if opts.overlay else None)
+        masks = torch.stack(masks).to(model.device, model.dtype)
+        return InpaintExtension(state, self.clean_latents(model, originals), masks, overlays)
 
     def check(self, options, job) -> list[str]:
         return [] if options.mask else ["inpaint needs a mask: an image where white is repainted"]
+
+
+class InpaintExtension(Img2ImgExtension):
+    """Inpainting inside the loop: a 9-channel inpainting U-Net gets mask and masked image as
+    extra input channels; any other denoiser keeps the unmasked area on the original image's
+    trajectory after every step (the blend diffusers uses for plain models)."""
+
+    def __init__(self, state, clean, masks, overlays):
+        super().__init__(state, clean)
+        self.masks, self.overlays = masks, overlays
+        self.extra_channels = None
+        unet = state.model.components.get("unet")
+        if unet is not None and unet.config.in_channels == 9:
+            import torch
+
+            masked = clean * (1 - masks)  # latents of the image with the repaint area blanked
+            self.extra_channels = torch.cat([masks, masked], dim=1)
+
+    def model_input(self, step, t, x):
+        if self.extra_channels is None:
+            return x
+        import torch
+
+        extra = self.extra_channels.repeat(len(x) // len(self.extra_channels), 1, 1, 1)
+        return torch.cat([x, extra.to(x.dtype)], dim=1)
+
+    def after_step(self, step, t, latents):
+        if self.extra_channels is not None:
+            return latents
+        timesteps = self.state.timesteps
+        known = self.clean if step + 1 >= len(timesteps) else self.noised(timesteps[step + 1])
+        return (1 - self.masks) * known + self.masks * latents
+
+    def finish(self, row, image):
+        overlay = self.overlays[row]
+        return overlay(image) if overlay is not None else image
 
 
 def _overlay(original, mask):

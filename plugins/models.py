@@ -48,39 +48,69 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
 
 
-def _load_folder(info: ModelInfo, device: str, dtype: str):
-    """Load a diffusers folder (or cached hub id) with safetensors unless pickle is allowed."""
+def load_pipeline(info: ModelInfo, device: str, dtype: str, family, single_file: bool = False):
+    """Load a model with its family's diffusers pipeline class (folder, hub id or single file)."""
     quiet_libraries()
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     from sdbatch.models import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype, device)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        info.location,
-        torch_dtype=torch_dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-        use_safetensors=None if info.allow_pickle else True,
-        local_files_only=info.kind != "hub" or bool(os.environ.get("HF_HUB_OFFLINE")),
-    )
-    return _model_from_pipeline(info, pipe, device, torch_dtype)
+    pipeline = getattr(diffusers, family.pipeline)
+    kwargs = {"torch_dtype": torch_dtype, **family.load_kwargs(info.memory)}
+    if single_file:
+        config = info.config or shipped_config(family)
+        if config:
+            kwargs.update(config=config, local_files_only=True)
+        pipe = pipeline.from_single_file(info.location, **kwargs)
+    else:
+        pipe = pipeline.from_pretrained(
+            info.location, use_safetensors=None if info.allow_pickle else True,
+            local_files_only=info.kind != "hub" or bool(os.environ.get("HF_HUB_OFFLINE")), **kwargs)
+    return _model_from_pipeline(info, family, pipe, device, torch_dtype)
 
 
-def _model_from_pipeline(info: ModelInfo, pipe, device: str, torch_dtype):
+def apply_memory(pipe, memory: dict, device: str) -> bool:
+    """The job's memory options on a loaded pipeline; True when it was offloaded (it places itself)."""
+    vae = getattr(pipe, "vae", None)
+    if memory.get("vae_tiling") and vae is not None:
+        vae.enable_tiling()
+    if memory.get("vae_slicing") and vae is not None:
+        vae.enable_slicing()
+    offload = memory.get("offload", "none")
+    if offload == "none" or not str(device).startswith("cuda"):
+        return False  # offloading moves weights between CPU and GPU: on a CPU it has nothing to do
+    if offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.enable_model_cpu_offload(device=device)
+    return True
+
+
+def shipped_config(family) -> str | None:
+    """The config folder sdbatch ships for a family's single files (no hub needed), if any."""
+    if not family.config_folder:
+        return None
+    import sdbatch
+
+    folder = Path(sdbatch.__file__).resolve().parent / "configs" / family.config_folder
+    return str(folder) if folder.is_dir() else None
+
+
+def _model_from_pipeline(info: ModelInfo, family, pipe, device: str, torch_dtype):
     from sdbatch.models import Model, weights_hash
 
-    pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval().requires_grad_(False)
-        _own_aligned_memory(module)
+    if not apply_memory(pipe, info.memory, device):
+        pipe.to(device)
+    components = {name: getattr(pipe, name, None) for name in family.components}
+    for module in components.values():
+        if hasattr(module, "parameters"):
+            module.eval().requires_grad_(False)
+            _own_aligned_memory(module)
     location = Path(info.location)
     digest = weights_hash(location) if location.exists() else ""
-    return Model(
-        info=info, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet,
-        vae=pipe.vae, scheduler_config=dict(pipe.scheduler.config), device=device,
-        dtype=torch_dtype, hash=digest[:10],
-    )
+    return Model(info=info, family=family, components=components, scheduler_config=dict(pipe.scheduler.config),
+                 device=device, dtype=torch_dtype, hash=digest[:10])
 
 
 def _own_aligned_memory(module) -> None:
@@ -110,8 +140,8 @@ class TinyLoader(ModelLoader):
             raise ValueError(f"sdbatch-tiny is not present at {folder}; reinstall sdbatch or see README.md")
         return ModelInfo(request.ref, str(folder), "diffusers-folder", defaults=read_defaults(folder))
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
-        return _load_folder(info, device, dtype)
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        return load_pipeline(info, device, dtype, family)
 
 
 class FolderLoader(ModelLoader):
@@ -132,8 +162,8 @@ class FolderLoader(ModelLoader):
         return ModelInfo(request.ref, str(path), "diffusers-folder", defaults=read_defaults(path),
                          allow_pickle=request.allow_pickle)
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
-        return _load_folder(info, device, dtype)
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        return load_pipeline(info, device, dtype, family)
 
 
 class SingleFileLoader(ModelLoader):
@@ -158,22 +188,12 @@ class SingleFileLoader(ModelLoader):
         return ModelInfo(request.ref, str(path), "single-file", allow_pickle=request.allow_pickle,
                          config=config, defaults=defaults)
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
-        quiet_libraries()
-        from diffusers import StableDiffusionPipeline
-
-        from sdbatch.models import resolve_dtype
-
-        torch_dtype = resolve_dtype(dtype, device)
-        kwargs = {"config": info.config, "local_files_only": True} if info.config else {}
-        pipe = StableDiffusionPipeline.from_single_file(
-            info.location, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **kwargs
-        )
-        return _model_from_pipeline(info, pipe, device, torch_dtype)
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        return load_pipeline(info, device, dtype, family, single_file=True)
 
 
 class HubLoader(ModelLoader):
-    """A Hugging Face hub id (``org/name``), used from the local cache when offline."""
+    """A Hugging Face hub id (``org/name``): from the local cache, or downloaded when the hub is reachable."""
 
     name = "hub"
     description = "a Hugging Face hub id, from the local cache when offline"
@@ -181,23 +201,92 @@ class HubLoader(ModelLoader):
     def describe(self, request: ModelRequest) -> ModelInfo | None:
         if not HUB_ID.fullmatch(request.ref) or _resolve(request.ref, request.folder).exists():
             return None
-        if os.environ.get("HF_HUB_OFFLINE") and not _hub_cached(request.ref):
-            raise ValueError(f"hub model '{request.ref}' is not in the local cache and HF_HUB_OFFLINE is set")
+        from sdbatch.models import hub_snapshot
+
+        if hub_snapshot(request.ref) is None:
+            reason = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else _hub_unreachable(request.ref)
+            if reason:
+                raise ValueError(
+                    f"hub model '{request.ref}' is not in the local cache and cannot be downloaded ({reason}); "
+                    f"on a connected machine run `hf download {request.ref}` (or `huggingface-cli download "
+                    f"{request.ref}`) and copy the cache here, or give a local folder or .safetensors file")
         return ModelInfo(request.ref, request.ref, "hub", allow_pickle=request.allow_pickle)
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
-        return _load_folder(info, device, dtype)
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        return load_pipeline(info, device, dtype, family)
 
 
-def _hub_cached(repo_id: str) -> bool:
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
-    )
-    return (Path(cache) / ("models--" + repo_id.replace("/", "--"))).is_dir()
+def _hub_unreachable(repo_id: str) -> str:
+    """Why the hub cannot serve ``repo_id`` now (a few seconds at most), or an empty string."""
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo_id, timeout=5)
+    except Exception as exc:  # offline, DNS, 401/404: all mean "not downloadable from here"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no answer'}"
+    return ""
+
+
+class RandomFamilyLoader(ModelLoader):
+    """``sdbatch-random-<family>`` (sd1, sdxl, sd3, flux): tiny random-weight models of each architecture.
+
+    For trying a family's plumbing offline (jobs/sdxl.yaml ...): the pictures are noise, the
+    code path is the real one. Built on first load into ``$SDBATCH_CACHE`` (default
+    ``~/.cache/sdbatch``), deterministically from seed 0; planning reads nothing.
+    """
+
+    name = "random-family"
+    description = "tiny random-weight models of each family, built offline on first use"
+    prefix = "sdbatch-random-"
+
+    def describe(self, request: ModelRequest) -> ModelInfo | None:
+        if not request.ref.startswith(self.prefix):
+            return None
+        family = request.ref[len(self.prefix):]
+        from sdbatch.testfamilies import SDBATCH_DEFAULTS
+        from sdbatch.testmodel import SDBATCH_DEFAULTS as SD1_DEFAULTS
+
+        defaults = {"sd1": SD1_DEFAULTS, **SDBATCH_DEFAULTS}
+        if family not in defaults:
+            raise ValueError(f"unknown random model '{request.ref}': use one of "
+                             + ", ".join(self.prefix + name for name in defaults))
+        folder = random_model_folder(family)
+        info = ModelInfo(request.ref, str(folder), "diffusers-folder", defaults=dict(defaults[family]))
+        info.family = family
+        return info
+
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
+        folder = Path(info.location)
+        if not (folder / "model_index.json").is_file():
+            _build_random_model(info.ref[len(self.prefix):], folder)
+        return load_pipeline(info, device, dtype, family)
+
+
+def random_model_folder(family: str) -> Path:
+    cache = Path(os.environ.get("SDBATCH_CACHE") or Path.home() / ".cache" / "sdbatch")
+    return cache / f"random-{family}-seed0"
+
+
+def _build_random_model(family: str, folder: Path) -> None:
+    """Build into a temporary folder, then rename: parallel workers never see half a model."""
+    import shutil
+    import tempfile
+
+    from sdbatch.testfamilies import BUILDERS
+    from sdbatch.testmodel import build_tiny_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    (build_tiny_model if family == "sd1" else BUILDERS[family])(temp / "model")
+    try:
+        os.rename(temp / "model", folder)
+    except OSError:  # another worker finished first
+        pass
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @hookimpl(trylast=True)
 def register_model_loaders(register):
     """Built-in loaders, asked after any a plugin adds."""
-    for loader in (TinyLoader(), FolderLoader(), SingleFileLoader(), HubLoader()):
+    for loader in (TinyLoader(), RandomFamilyLoader(), FolderLoader(), SingleFileLoader(), HubLoader()):
         register(loader)

@@ -44,6 +44,26 @@ SIGMA_VARIANTS = {
 OTHER_CLASSES = ("EDMEulerScheduler", "LCMScheduler", "TCDScheduler")
 
 
+#: Flow-matching samplers (SD3, FLUX.1): name -> (diffusers scheduler class, config overrides)
+FLOW_SAMPLERS = {
+    "Flow Euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "Flow Euler Karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "Flow Euler Exponential": ("FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    "Flow Euler Beta": ("FlowMatchEulerDiscreteScheduler", {"use_beta_sigmas": True}),
+    "Flow Heun": ("FlowMatchHeunDiscreteScheduler", {}),
+}
+
+
+def flow_samplers() -> list[tuple[Sampler, tuple]]:
+    """The flow-matching samplers, for families whose sampler_kind is "flow"."""
+    result = []
+    for name, (cls, config) in FLOW_SAMPLERS.items():
+        description = f"{cls}({', '.join(f'{k}={v!r}' for k, v in config.items())}) for flow-matching models"
+        aliases = {name.lower(), name.lower().replace(" ", "_")} | ({cls} if not config else set())
+        result.append((Sampler(name, cls, config, description, kind="flow"), tuple(sorted(aliases - {name}))))
+    return result
+
+
 def builtin_samplers() -> list[tuple[Sampler, tuple]]:
     """Every built-in sampler with its aliases (lower-case and class-name forms)."""
     result = []
@@ -65,5 +85,5 @@ def builtin_samplers() -> list[tuple[Sampler, tuple]]:
 @hookimpl(trylast=True)
 def register_samplers(register):
     """A1111 sampler names and diffusers class names."""
-    for sampler, aliases in builtin_samplers():
+    for sampler, aliases in builtin_samplers() + flow_samplers():
         register(sampler, aliases=aliases)

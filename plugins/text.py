@@ -1,14 +1,11 @@
-"""The built-in text conditioner: CLIP hidden states for each item's prompt and negative prompt."""
+"""The built-in text conditioner: the model family's prompt conditioning for each item."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from sdbatch import hookimpl
-from sdbatch.api import Conditioner
-
-CACHE_LIMIT = 4096
+from sdbatch.api import BatchSplit, Conditioner
 
 
 @dataclass
@@ -17,49 +14,59 @@ class TextOptions:
 
 
 class TextConditioner(Conditioner):
-    """Encodes prompts with the model's tokenizer and text encoder (77 tokens, truncated)."""
+    """Encodes prompt and negative prompt with the model family's text encoders."""
 
     name = "text"
-    description = "CLIP text embeddings of prompt and negative prompt"
+    description = "text conditioning of prompt and negative prompt (the model family's encoders)"
     Options = TextOptions
 
     def condition(self, items, options, model, state) -> None:
-        import torch
+        pairs = [equal_length(model, prompt_conditioning(model, item.prompt, opt),
+                              prompt_conditioning(model, item.negative_prompt, opt), opt)
+                 for item, opt in zip(items, options)]
+        lengths = [pair[0]["encoder_hidden_states"].shape[0] for pair in pairs]
+        if len(set(lengths)) > 1:  # long prompts of other chunk counts: rows cannot share one loop
+            raise BatchSplit([[row for row, n in enumerate(lengths) if n == length] for length in dict.fromkeys(lengths)])
+        state.prompt = stack_rows([prompt for prompt, _ in pairs])
+        state.negative = stack_rows([negative for _, negative in pairs])
 
-        prompts = [encode_prompt(model, item.prompt, opt.clip_skip) for item, opt in zip(items, options)]
-        negatives = [encode_prompt(model, item.negative_prompt, opt.clip_skip) for item, opt in zip(items, options)]
-        state.prompt_embeds = torch.stack(prompts)
-        state.negative_prompt_embeds = torch.stack(negatives)
+    def requirements(self, options) -> tuple:
+        return ("clip_skip",) if options.clip_skip > 1 else ()
+
+
+def prompt_conditioning(model, text: str, options) -> dict:
+    """One prompt's conditioning (name -> tensor), cached per model."""
+    return model.encode_prompt(text, clip_skip=options.clip_skip)
+
+
+def equal_length(model, prompt: dict, negative: dict, options) -> tuple[dict, dict]:
+    """Prompt and negative prompt padded to one length with the empty prompt's chunks (as A1111 does)."""
+    import torch
+
+    a, b = prompt["encoder_hidden_states"], negative["encoder_hidden_states"]
+    if a.shape[0] == b.shape[0]:
+        return prompt, negative
+    empty = prompt_conditioning(model, "", options)["encoder_hidden_states"]
+    longest = max(a.shape[0], b.shape[0])
+
+    def padded(conditioning: dict) -> dict:
+        hidden = conditioning["encoder_hidden_states"]
+        extra = [empty] * ((longest - hidden.shape[0]) // empty.shape[0])
+        return {**conditioning, "encoder_hidden_states": torch.cat([hidden, *extra])}
+
+    return padded(prompt), padded(negative)
+
+
+def stack_rows(conditionings: list[dict]) -> dict:
+    """Per-prompt conditionings (name -> tensor) as rows (name -> tensor with a batch dimension)."""
+    import torch
+
+    return {name: torch.stack([c[name] for c in conditionings]) for name in conditionings[0]}
 
 
 def clip_skip_of(item) -> int:
     """The Clip skip an item's text conditioner uses (1 when it has none)."""
     return next((use.options.get("clip_skip", 1) for use in item.conditioners if use.name == "text"), 1)
-
-
-def encode_prompt(model, text: str, clip_skip: int = 1):
-    """Hidden states (tokens, features) for one prompt, cached per model (sweeps repeat prompts)."""
-    import torch
-
-    cache = model.extra.setdefault("text_embeddings", {})
-    key = (text, clip_skip)
-    if key in cache:
-        return cache[key]
-    if len(cache) >= CACHE_LIMIT:
-        cache.clear()
-    tokenizer = model.tokenizer
-    tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    if len(tokenizer(text, truncation=False).input_ids) > tokenizer.model_max_length:
-        print(f"sdbatch: prompt truncated to {tokenizer.model_max_length} tokens: {text[:60]!r}...", file=sys.stderr)
-    with torch.inference_mode():
-        output = model.text_encoder(tokens.input_ids.to(model.device), output_hidden_states=True)
-        if clip_skip > 1:  # A1111's Clip skip: an earlier layer, through the final layer norm
-            hidden = model.text_encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
-        else:
-            hidden = output[0]
-    cache[key] = hidden[0].to(model.dtype)
-    return cache[key]
 
 
 @hookimpl(trylast=True)

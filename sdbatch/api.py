@@ -103,10 +103,17 @@ class Plugin:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    #: Model-family capabilities this plugin needs (see ``Family.capabilities``); a job whose
+    #: model's family lacks one fails validation at the plugin's line.
+    requires: ClassVar[tuple] = ()
 
     def parse_options(self, options: dict) -> Any:
         """The Options dataclass for an item's plain-data options."""
         return self.Options(**options)
+
+    def requirements(self, options) -> tuple:
+        """The family capabilities a use with these options needs (default: ``requires``)."""
+        return self.requires
 
 
 @dataclass
@@ -120,6 +127,8 @@ class ModelInfo:
     defaults: dict = field(default_factory=dict)  # width, height, steps, guidance, sampler
     allow_pickle: bool = False
     config: str | None = None
+    family: str = ""  # the model family (sd1, sdxl, sd3, flux, or a plugin's), detected or as the job says
+    memory: dict = field(default_factory=dict)  # the job's memory options (offload, tiling, t5 ...)
 
 
 @dataclass
@@ -130,6 +139,7 @@ class ModelRequest:
     folder: str = "."  # the job file's folder: relative paths resolve against it
     allow_pickle: bool = False
     config: str | None = None  # a diffusers folder or hub id giving configs for single files
+    family: str | None = None  # ``model_family:`` from the job: overrides detection
 
 
 class ModelLoader:
@@ -139,7 +149,8 @@ class ModelLoader:
     and return a ModelInfo, or None when this loader does not handle the reference; it
     raises ValueError with a message for a reference it owns but cannot use (a missing
     file, a pickle checkpoint without ``allow_pickle``).
-    ``load(info, device, dtype)`` returns a ``sdbatch.models.Model`` on that device.
+    ``load(info, device, dtype, family)`` returns a ``sdbatch.models.Model`` on that device;
+    ``family`` is the ``Family`` the job's model was detected (or declared) as.
     """
 
     name: ClassVar[str] = ""
@@ -148,7 +159,7 @@ class ModelLoader:
     def describe(self, request: ModelRequest) -> ModelInfo | None:
         raise NotImplementedError
 
-    def load(self, info: ModelInfo, device: str, dtype: str):
+    def load(self, info: ModelInfo, device: str, dtype: str, family):
         raise NotImplementedError
 
 
@@ -160,6 +171,7 @@ class Sampler:
     scheduler: str | type  # diffusers class name, or a scheduler class
     config: dict = field(default_factory=dict)
     description: str = ""
+    kind: str = "eps"  # "eps" for noise-prediction families (SD 1.x, SDXL), "flow" for flow matching (SD3, FLUX.1)
 
     def create(self, base_config: dict):
         """A fresh scheduler built from the model's scheduler config plus this recipe."""
@@ -172,19 +184,27 @@ class Sampler:
 
 
 class Conditioner(Plugin):
-    """Adds conditioning for a batch of items to a ``sdbatch.render.Conditioning``.
+    """Adds conditioning for a batch of items to the render's ``RenderState``.
 
-    ``condition(items, options, model, state)`` is called once per batch, in job order;
-    ``options`` holds each item's parsed Options. Fill ``state.prompt_embeds`` (text)
-    or ``state.extra`` (keyword arguments for the denoiser, e.g. ControlNet residuals).
+    ``condition(items, options, model, state)`` is called once per batch, in job order,
+    after the scheduler and timesteps exist (``state.timesteps``); ``options`` holds each
+    item's parsed Options. It may fill ``state.prompt`` / ``state.negative`` (the text
+    conditioner does), set rows of ``state.latents`` or ``state.init_latents``, and may
+    return an ``Extension`` whose methods the denoising loop calls.
     """
 
     #: Options that must be equal across a batch (e.g. img2img strength, which decides the
     #: timesteps): items that differ in them are rendered in different batches.
     batch_options: ClassVar[tuple] = ()
 
-    def condition(self, items, options, model, state) -> None:
+    def condition(self, items, options, model, state) -> "Extension | None":
         raise NotImplementedError
+
+    def strength(self, options) -> float | None:
+        """The fraction of the schedule a batch runs (img2img's denoising strength), or None for all.
+
+        Asked before timesteps are made; it must be a batch option."""
+        return None
 
     def check(self, options, job) -> list[str]:
         """Problems with this use in a validated job (e.g. a ControlNet that does not fit the
@@ -266,3 +286,170 @@ class Writer(Plugin):
 
     def finish(self, entries) -> list[str]:
         return []
+
+
+# ---------------------------------------------------------------- the render contract
+class BatchSplit(Exception):
+    """Raised by a conditioner when the rows of a batch cannot share one loop (e.g. prompts of
+    other lengths): ``groups`` lists row indices that can. The renderer renders each group on
+    its own; rows are independent, so no pixel changes."""
+
+    def __init__(self, groups: list):
+        super().__init__(f"batch split into {len(groups)} groups")
+        self.groups = groups
+
+
+class Extension:
+    """What a conditioner adds inside the denoising loop. Every method is optional.
+
+    The renderer calls them in this order: ``start`` once, then for every step
+    ``before_step`` -> ``model_input`` -> ``denoiser_kwargs`` -> (denoiser, guidance) ->
+    ``guide`` -> (scheduler step) -> ``after_step``; after decoding, ``finish`` per row.
+    Rows are the batch's items; under classifier-free guidance the denoiser sees them
+    twice, ``[uncond rows; cond rows]`` (``state.for_guidance`` doubles a per-row tensor).
+    """
+
+    def start(self, state) -> None:
+        """Called once before the loop, after ``state.latents`` holds x at the first step."""
+
+    def before_step(self, step: int, t, latents):
+        """Latents (rows) before this step's denoiser call, e.g. moved along an edit direction."""
+        return latents
+
+    def model_input(self, step: int, t, x):
+        """The denoiser's input (doubled rows under guidance), e.g. with extra channels."""
+        return x
+
+    def denoiser_kwargs(self, step: int, t, x, cond: dict) -> dict:
+        """Extra keyword arguments for this step's denoiser call (``x`` and ``cond`` as it gets them).
+
+        Values from several extensions under one key are added (ControlNet residuals sum)."""
+        return {}
+
+    def guide(self, step: int, t, x, uncond, text):
+        """A term added to the guided prediction (rows), e.g. semantic guidance; None for none."""
+        return None
+
+    def after_step(self, step: int, t, latents):
+        """Latents (rows) after the scheduler step, e.g. the unmasked area kept (inpainting)."""
+        return latents
+
+    def finish(self, row: int, image):
+        """The decoded PIL image of one row, changed (e.g. the original pasted outside a mask)."""
+        return image
+
+
+@dataclass
+class RenderState:
+    """One batch as the renderer and conditioners share it (rows in item order).
+
+    ``prompt`` and ``negative`` map the family's conditioning names (e.g.
+    ``encoder_hidden_states``, ``pooled``) to tensors with one row per item.
+    """
+
+    items: list
+    model: Any
+    registry: Any = None
+    scheduler: Any = None
+    timesteps: Any = None
+    strength: float | None = None  # img2img: the fraction of the schedule run
+    cfg: bool = False  # the denoiser sees [uncond rows; cond rows]
+    prompt: dict = field(default_factory=dict)
+    negative: dict = field(default_factory=dict)
+    latents: list = field(default_factory=list)  # per row: a given x_T, or None for the item's seeded noise
+    init_latents: list = field(default_factory=list)  # per row: clean latents to start from (img2img), or None
+    noise: Any = None  # (rows, ...) the items' x_T, once drawn (in the family's packed layout)
+    x: Any = None  # latents at the first step: noise times the scheduler's sigma, unless an extension changed it
+    generators: list = field(default_factory=list)  # per row: the item's CPU generator
+    outputs: list = field(default_factory=list)  # per row: extra results for writers (directions, maps)
+    extra: dict = field(default_factory=dict)  # anything conditioners share with each other
+    renderer: Any = None  # the Renderer, for conditioners that need a trajectory (edits)
+
+    def for_guidance(self, value):
+        """A per-row tensor (or list of them) repeated for the ``[uncond; cond]`` rows when guidance is on."""
+        if not self.cfg:
+            return value
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.for_guidance(v) for v in value)
+        import torch
+
+        return torch.cat([value, value])
+
+
+# ---------------------------------------------------------------- model families
+class Family:
+    """One kind of model: its components, prompt encoding, denoiser call and latent layout.
+
+    The renderer knows no model: it asks the item's family. A model's family is detected
+    from ``model_index.json`` (``pipeline_classes``) or a single file's keys
+    (``matches_keys``); ``model_family:`` in a job overrides detection. Methods that take
+    ``model`` receive a loaded ``sdbatch.models.Model`` (components by name:
+    ``model.unet``, ``model.text_encoder_2`` ...).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: The diffusers pipeline class that loads a folder, a hub id or a single file of it.
+    pipeline: ClassVar[str] = ""
+    #: ``_class_name`` values in model_index.json that mean this family.
+    pipeline_classes: ClassVar[tuple] = ()
+    #: Pipeline components the renderer uses (the loaded ``Model`` holds these).
+    components: ClassVar[tuple] = ()
+    #: "eps" families take the diffusion samplers; "flow" families the flow-matching ones.
+    sampler_kind: ClassVar[str] = "eps"
+    #: What applies to it: "cfg", "negative_prompt", "clip_skip", "controlnet", "img2img",
+    #: "inpaint", "text_edit", "local_basis", "sega", "attention".
+    capabilities: ClassVar[frozenset] = frozenset()
+    #: Why a missing capability does not apply (shown at the YAML line that asks for it).
+    limits: ClassVar[dict] = {}
+    #: Settings when neither the job nor the model's sdbatch.json gives them.
+    defaults: ClassVar[dict] = {}
+    #: A package folder (``sdbatch.configs``) with the small config files that load its single files offline.
+    config_folder: ClassVar[str] = ""
+
+    def matches_keys(self, keys) -> bool:
+        """True when a single-file checkpoint with these tensor names is of this family."""
+        return False
+
+    def why_not(self, capability: str) -> str:
+        return self.limits.get(capability, f"{self.description or self.name} does not support {capability}")
+
+    def load_kwargs(self, memory: dict) -> dict:
+        """Extra keyword arguments for the pipeline's from_pretrained / from_single_file."""
+        return {}
+
+    def encode_prompt(self, model, text: str, options: dict) -> dict:
+        """The conditioning of one prompt: name -> tensor without a batch dimension."""
+        raise NotImplementedError
+
+    def latent_shape(self, model, width: int, height: int) -> tuple:
+        """(channels, height, width) of an item's initial noise, as the family's pipeline draws it."""
+        factor = model.vae_scale_factor
+        return (model.latent_channels, height // factor, width // factor)
+
+    def pack(self, model, latents):
+        """Latents (rows, C, h, w) into the layout the denoiser and scheduler work in."""
+        return latents
+
+    def unpack(self, model, latents, width: int, height: int):
+        """The inverse of ``pack``, before decoding."""
+        return latents
+
+    def set_timesteps(self, model, scheduler, steps: int, width: int, height: int) -> None:
+        """Prepare ``scheduler`` for ``steps`` steps at this image size."""
+        scheduler.set_timesteps(steps, device=model.device)
+
+    def uses_cfg(self, model) -> bool:
+        """False for guidance-distilled models that take the guidance scale as an input (FLUX.1)."""
+        return True
+
+    def denoise(self, model, x, t, cond: dict, guidance, width: int = 0, height: int = 0, **kwargs):
+        """The denoiser's prediction for input ``x`` (rows as given) at timestep ``t``.
+
+        ``cond`` holds the conditioning rows (doubled under guidance), ``guidance`` the
+        per-row guidance scales (a tensor), ``width``/``height`` the image size in pixels,
+        ``kwargs`` what extensions added."""
+        raise NotImplementedError
+
+    def prepare(self, model) -> None:
+        """Called once after loading (memory options, dtype fixes)."""

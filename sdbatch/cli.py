@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-test-model", help="build a tiny random Stable Diffusion for offline tests")
     p.add_argument("folder")
-    p.add_argument("--single-file", default=None, help="also write an LDM-layout .safetensors checkpoint")
+    p.add_argument("--family", choices=("sd1", "sdxl", "sd3", "flux"), default="sd1",
+                   help="model family (default sd1); sd3 is SD3.5-shaped, flux FLUX.1-dev-shaped")
+    p.add_argument("--single-file", default=None, help="also write an original-layout .safetensors checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_make_test_model)
     return parser
@@ -243,10 +245,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_make_test_model(args) -> int:
+    from .testfamilies import BUILDERS
     from .testmodel import build_tiny_model
 
-    folder = build_tiny_model(args.folder, seed=args.seed, single_file=args.single_file)
-    print(f"tiny test model written to {folder}" + (f" and {args.single_file}" if args.single_file else ""))
+    build = build_tiny_model if args.family == "sd1" else BUILDERS[args.family]
+    folder = build(args.folder, seed=args.seed, single_file=args.single_file)
+    print(f"tiny {args.family} test model written to {folder}" + (f" and {args.single_file}" if args.single_file else ""))
     return 0
 
 

@@ -47,38 +47,37 @@ def edit_step(timesteps, fraction: float) -> int:
 
 
 class EditSource:
-    """A source as direction finders see it (render time)."""
+    """A source as direction finders see it (render time): its conditioning and its own trajectory.
 
-    def __init__(self, model, item, spec: dict, initial_latents):
-        self.model, self.item, self.spec = model, item, spec
+    ``latents_at`` runs the renderer's loop (the item's sampler, ControlNets and all) on the
+    unedited source, so a latent edit lands on exactly the trajectory the image follows.
+    """
+
+    def __init__(self, state, row: int, spec: dict, initial_latents):
+        self.model, self.item, self.spec = state.model, state.items[row], spec
+        self.renderer, self.timesteps = state.renderer, state.timesteps
         self.prompt, self.negative_prompt, self.seed = spec["prompt"], spec["negative_prompt"], spec["seed"]
-        self.guidance, self.steps = item.guidance, item.steps
+        self.guidance, self.steps = self.item.guidance, self.item.steps
         self.initial_latents = initial_latents  # x_T: seeded noise or an inverted image
+
+    def conditioning(self, text: str) -> dict:
+        """The family's conditioning of ``text`` (name -> tensor), as the renderer uses it."""
+        clip_skip = next((use.options.get("clip_skip", 1) for use in self.item.conditioners if use.name == "text"), 1)
+        return self.model.encode_prompt(text, clip_skip=clip_skip)
 
     def embeddings(self, text: str):
         """Text-encoder hidden states (tokens, features) of ``text``, as the renderer uses them."""
-        from sdbatch_plugins.text import clip_skip_of, encode_prompt
-
-        return encode_prompt(self.model, text, clip_skip_of(self.item))
+        return self.conditioning(text)["encoder_hidden_states"]
 
     def latents_at(self, fraction: float):
-        """(x_t, step index, timestep) after DDIM sampling from x_T down to ``fraction`` of the schedule."""
-        import torch
-        from diffusers import DDIMScheduler
+        """(x_t, step index, timestep) of the source's own trajectory at ``fraction`` of the schedule."""
+        from dataclasses import replace
 
-        model = self.model
-        scheduler = DDIMScheduler.from_config(model.scheduler_config)
-        scheduler.set_timesteps(self.steps, device=model.device)
-        stop = edit_step(scheduler.timesteps, fraction)
-        sample = self.initial_latents[None].to(model.device, model.dtype) * scheduler.init_noise_sigma
-        embeds = torch.stack([self.embeddings(self.negative_prompt), self.embeddings(self.prompt)])
-        with torch.inference_mode():
-            for t in scheduler.timesteps[:stop]:
-                uncond, text = model.unet(torch.cat([sample, sample]), t, encoder_hidden_states=embeds,
-                                          return_dict=False)[0].chunk(2)
-                noise = uncond + self.guidance * (text - uncond) if self.guidance > 1 else text
-                sample = scheduler.step(noise, t, sample, return_dict=False)[0]
-        return sample[0].float().cpu(), stop, int(scheduler.timesteps[stop])
+        stop = edit_step(self.timesteps, fraction)
+        source = replace(self.item, conditioners=tuple(c for c in self.item.conditioners if c.name != "edit"),
+                         extra={k: v for k, v in self.item.extra.items() if k != "edit"})
+        x_t = self.renderer.latents_at([source], stop, given=[self.initial_latents])
+        return x_t[0].float().cpu(), stop, int(self.timesteps[stop])
 
 
 def save_direction(direction, path) -> None:

@@ -24,6 +24,23 @@ def register_model_loaders(register):
     """
 
 
+@hookspec
+def register_families(register):
+    """Register Family objects: model families (SD 1.x, SDXL, SD3, FLUX.1) and how to run them.
+
+    Call ``register(family, aliases=(), override=False)``; a model's family is detected from
+    its files, or named with ``model_family:`` in a job.
+    """
+
+
+@hookspec
+def prepare_model(model):
+    """Change a model after it is loaded, before it renders (e.g. apply LoRAs, compile).
+
+    Called on every plugin with the loaded ``sdbatch.models.Model``; return nothing.
+    """
+
+
 # ---------------------------------------------------------------- conditioning
 @hookspec
 def register_conditioners(register):

@@ -17,7 +17,7 @@ def encode_image(model, image) -> torch.Tensor:
     return ((latents - shift) * model.vae.config.scaling_factor)[0].float().cpu()
 
 
-def ddim_invert(model, latents: torch.Tensor, prompt_embeds: torch.Tensor, steps: int) -> torch.Tensor:
+def ddim_invert(model, latents: torch.Tensor, conditioning: dict, steps: int, width: int, height: int) -> torch.Tensor:
     """Run DDIM backwards from clean latents to x_T with guidance 1 (Mokady et al. 2022).
 
     It walks exactly the timesteps the DDIM sampler takes for ``steps`` (any spacing), in
@@ -31,11 +31,12 @@ def ddim_invert(model, latents: torch.Tensor, prompt_embeds: torch.Tensor, steps
     alphas = scheduler.alphas_cumprod.double()
     alpha_prev = float(scheduler.final_alpha_cumprod)
     sample = latents[None].to(model.device, model.dtype)
-    embeds = prompt_embeds[None].to(model.device, model.dtype)
+    cond = {name: value[None].to(model.device, model.dtype) for name, value in conditioning.items()}
+    guidance = torch.ones(1)
     with torch.inference_mode():
         for t in reversed(scheduler.timesteps):
             alpha = float(alphas[int(t)])
-            output = model.unet(sample, t, encoder_hidden_states=embeds, return_dict=False)[0].double()
+            output = model.family.denoise(model, sample, t, cond, guidance, width, height).double()
             x = sample.double()
             if scheduler.config.prediction_type == "v_prediction":
                 eps = alpha_prev**0.5 * output + (1 - alpha_prev) ** 0.5 * x
@@ -47,15 +48,15 @@ def ddim_invert(model, latents: torch.Tensor, prompt_embeds: torch.Tensor, steps
     return sample[0].float().cpu()
 
 
-def invert_image_file(model, path: str, sha256: str, prompt: str, prompt_embeds, steps: int, width: int,
+def invert_image_file(model, path: str, sha256: str, prompt: str, conditioning: dict, steps: int, width: int,
                       height: int):
     """x_T of an image file at the item's size, cached per model by content, prompt and steps."""
     from PIL import Image
 
-    key = (sha256, prompt, steps, width, height)
+    key = (model.cache_key, sha256, prompt, steps, width, height)
     cache = model.extra.setdefault("inverted_images", {})
     if key not in cache:
         with Image.open(path) as image:
             image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-        cache[key] = ddim_invert(model, encode_image(model, image), prompt_embeds, steps)
+        cache[key] = ddim_invert(model, encode_image(model, image), conditioning, steps, width, height)
     return cache[key]

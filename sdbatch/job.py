@@ -81,6 +81,18 @@ class EditSpec:
 
 
 @dataclass
+class MemorySpec:
+    """Memory savers for small GPUs, applied when the model loads."""
+
+    vae_tiling: bool = field(default=False, metadata=_m(help="decode large images in tiles (changes pixels slightly)"))
+    vae_slicing: bool = field(default=False, metadata=_m(help="decode a batch one image at a time"))
+    offload: Literal["none", "model", "sequential"] = field(default="none", metadata=_m(
+        help="CUDA: keep components on the CPU until used (model), or layer by layer (sequential, slowest)"))
+    t5: Literal["on", "off"] = field(default="on", metadata=_m(help="SD3: off drops the T5 encoder (less memory, "
+                                                                    "weaker prompt following)"))
+
+
+@dataclass
 class JobSpec:
     """The top level of a job file."""
 
@@ -88,6 +100,9 @@ class JobSpec:
     model: str = field(default="sdbatch-tiny", metadata=_m(help="a registered name, a diffusers folder, a .safetensors file or a hub id"))
     allow_pickle: bool = field(default=False, metadata=_m(help="allow .ckpt/.bin pickle checkpoints, which can run code"))
     model_config: str | None = field(default=None, metadata=_m(help="diffusers folder or hub id with configs for a single-file model"))
+    model_family: str | None = field(default=None, metadata=_m(help="sd1, sdxl, sd3 or flux (or a plugin's): "
+                                                                    "overrides detection from the model's files"))
+    memory: MemorySpec = field(default_factory=MemorySpec)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     batch_size: int = field(default=1, metadata=_m(min=1, max=1024))
@@ -215,11 +230,17 @@ class _Validator:
             self.fail(("name",), name_problem)
         if spec.animation is not None and spec.edit is not None:
             self.fail(("edit",), "a job is either an animation or an edit, not both")
-        if spec.edit is not None and spec.sampler is None:
-            spec.sampler = "DDIM"  # edits replay deterministic trajectories
         writers = self._writers(uses["outputs"])
         self._sampler(spec.sampler, ("sampler",))
+        if spec.model_family is not None and self.registry.get("family", spec.model_family) is None:
+            self.fail(("model_family",), self.registry.unknown_message("family", spec.model_family))
+            spec.model_family = None
         models = self._models(spec)
+        if spec.edit is not None and spec.sampler is None and all(
+                getattr(self.registry.get("family", info.family).obj, "sampler_kind", "eps") == "eps"
+                for info in models.values() if info.family):
+            spec.sampler = "DDIM"  # edits replay deterministic trajectories (flow samplers already are)
+        self._family_checks(models, uses, spec)
         axes = self._axes(spec, uses, models)
         timeline = self._animation(spec, uses) if spec.animation is not None else None
         edit = self._edit(spec) if spec.edit is not None else None
@@ -364,18 +385,21 @@ class _Validator:
         if problem:
             self.fail(path, problem)
             return None
-        request = ModelRequest(ref, str(self.source.folder), self.spec.allow_pickle, self.spec.model_config)
+        request = ModelRequest(ref, str(self.source.folder), self.spec.allow_pickle, self.spec.model_config,
+                               self.spec.model_family)
         for entry in self.registry.entries["model_loader"].values():
             try:
                 info = entry.obj.describe(request)
-            except ValueError as exc:
+                if info is not None:
+                    info.loader = entry.name
+                    self._family(info, request, path)
+            except (ValueError, OSError) as exc:
                 self.fail(path, str(exc))
                 return None
             except OSError as exc:  # a name too long for a path, a folder it may not read
                 self.fail(path, f"cannot use model '{shorten(ref)}': {exc.strerror or exc}")
                 return None
             if info is not None:
-                info.loader = entry.name
                 if info.defaults.get("sampler") and self.registry.get("sampler", info.defaults["sampler"]) is None:
                     info.defaults.pop("sampler")
                 return info
@@ -383,6 +407,65 @@ class _Validator:
         self.fail(path, f"model '{shorten(ref)}' not found: not a registered name, a diffusers folder, a "
                         f".safetensors file or a hub id (loaders: {loaders})")
         return None
+
+    def _family(self, info, request: ModelRequest, path: KeyPath) -> None:
+        """Which family runs the model (declared or detected from its files), and its defaults."""
+        from dataclasses import asdict
+
+        from .models import detect_family
+
+        name = request.family or info.family or detect_family(self.registry, info)
+        if name is None and info.kind == "single-file" and not info.location.endswith(".safetensors"):
+            name = "sd1"  # a pickle's keys cannot be read without running it; SD 1.x is what most are
+        if name is None:
+            known = ", ".join(self.registry.names("family")) or "none installed"
+            raise ValueError(f"cannot tell which model family '{info.ref}' is (families: {known}); "
+                             f"set model_family: to one of them")
+        entry = self.registry.get("family", name)
+        if entry is None:
+            raise ValueError(self.registry.unknown_message("family", name))
+        info.family = entry.name
+        info.memory = asdict(self.spec.memory)
+        info.defaults = {**entry.obj.defaults, **info.defaults}
+
+    def _family_checks(self, models: dict, uses: dict, spec: JobSpec) -> None:
+        """Capabilities and samplers that do not apply to a model's family stop at their YAML line."""
+        families = {info.family: self.registry.get("family", info.family).obj
+                    for info in models.values() if info.family and self.registry.get("family", info.family)}
+        for index, use in zip(self.positions["conditioners"], uses["conditioners"]):
+            conditioner = self.registry.get("conditioner", use.name).obj
+            try:
+                required = conditioner.requirements(conditioner.parse_options(use.options))
+            except (TypeError, ValueError):  # options already reported; fall back to the static list
+                required = getattr(conditioner, "requires", ())
+            for family in families.values():
+                for capability in required:
+                    if capability not in family.capabilities:
+                        self.fail(("conditioners", index, use.name), family.why_not(capability))
+        directions = spec.edit.directions if spec.edit is not None and isinstance(spec.edit.directions, list) else []
+        for index, raw in enumerate(directions):
+            finder = self.registry.get("direction", raw.get("kind")) if isinstance(raw, dict) else None
+            for family in families.values() if finder is not None else ():
+                for capability in getattr(finder.obj, "requires", ()):
+                    if capability not in family.capabilities:
+                        self.fail(("edit", "directions", index, "kind"), family.why_not(capability))
+        if spec.negative_prompt:
+            for family in families.values():
+                if "negative_prompt" not in family.capabilities:
+                    self.fail(("negative_prompt",), family.why_not("negative_prompt"))
+        samplers = [(spec.sampler, ("sampler",))] if spec.sampler else []
+        sweep = spec.sweep.get("sampler") if isinstance(spec.sweep, dict) else None
+        if isinstance(sweep, list):
+            samplers += [(name, ("sweep", "sampler", i)) for i, name in enumerate(sweep) if isinstance(name, str)]
+        for name, path in samplers:
+            entry = self.registry.get("sampler", name)
+            for family in families.values() if entry is not None else ():
+                kind = getattr(entry.obj, "kind", "eps")
+                if kind != family.sampler_kind:
+                    fitting = [e.name for e in self.registry.entries["sampler"].values()
+                               if getattr(e.obj, "kind", "eps") == family.sampler_kind]
+                    self.fail(path, f"sampler '{entry.name}' does not fit {family.description} "
+                                    f"({family.sampler_kind} model); these do: {', '.join(fitting[:12])}")
 
     # -- animation -----------------------------------------------------------------------
     #: Item fields a keyframe sets: they cannot also be swept.

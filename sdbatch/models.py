@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -12,22 +13,37 @@ from typing import Any
 from .api import ModelInfo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+#: Prompt conditionings kept per model (sweeps repeat prompts; a bound keeps memory flat).
+PROMPT_CACHE_LIMIT = 4096
 
 
 @dataclass
 class Model:
-    """The components a render needs, already on their device."""
+    """A family plus its named components, already on their device.
+
+    Components are attributes: ``model.unet``, ``model.transformer``, ``model.vae``,
+    ``model.text_encoder_2`` ... (whatever the family's pipeline has).
+    """
 
     info: ModelInfo
-    tokenizer: Any
-    text_encoder: Any
-    unet: Any
-    vae: Any
+    family: Any
+    components: dict
     scheduler_config: dict
     device: Any
     dtype: Any
     hash: str = ""  # A1111-style short sha256 of the weights
-    extra: dict = field(default_factory=dict)  # components plugins add (ControlNets, ...)
+    extra: dict = field(default_factory=dict)  # what plugins attach (ControlNets, caches, LoRAs ...)
+
+    def __getattr__(self, name: str):
+        components = self.__dict__.get("components") or {}
+        if name in components:
+            return components[name]
+        raise AttributeError(f"{type(self).__name__} of family {self.__dict__.get('family')!r} has no {name!r}")
+
+    @property
+    def denoiser(self):
+        """The U-Net or transformer."""
+        return self.components.get("unet") or self.components.get("transformer")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -37,6 +53,27 @@ class Model:
     def latent_channels(self) -> int:
         # The VAE's, not the U-Net's input: an inpainting U-Net takes 9 (latents, mask, masked image).
         return self.vae.config.latent_channels
+
+    @property
+    def cache_key(self) -> str:
+        """What was loaded: the weights plus everything plugins changed (LoRAs); per-model caches use it."""
+        return json.dumps([self.info.location, self.hash, self.extra.get("modifiers", [])], sort_keys=True)
+
+    def encode_prompt(self, text: str, **options):
+        """The family's conditioning of one prompt (name -> tensor), cached per model and options."""
+        cache = self.extra.setdefault("prompt_cache", OrderedDict())
+        key = (self.cache_key, text, json.dumps(options, sort_keys=True))
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        import torch
+
+        with torch.inference_mode():
+            encoded = self.family.encode_prompt(self, text, options)
+        cache[key] = encoded
+        while len(cache) > PROMPT_CACHE_LIMIT:
+            cache.popitem(last=False)
+        return encoded
 
 
 def resolve_device(device: str) -> str:
@@ -85,24 +122,90 @@ class ModelCache:
     """Keeps the most recently used models loaded; loads happen once per key.
 
     ``capacity`` bounds memory: a model sweep on one worker swaps models instead of
-    holding them all.
+    holding them all. The key holds what was asked for (location, family, memory options),
+    so a model loaded with other settings is never reused by mistake.
     """
 
     def __init__(self, registry, capacity: int = 1):
         self.registry = registry
         self.capacity = capacity
         self._models: OrderedDict = OrderedDict()
+        self._failed: dict = {}  # key -> message: a model that failed to load fails its other items at once
         self.loads = 0  # how many times weights were read (tests and reports use it)
 
     def get(self, info: ModelInfo, device: str, dtype: str) -> Model:
-        key = (info.location, info.loader, device, dtype)
+        key = (info.location, info.loader, info.family, json.dumps(info.memory, sort_keys=True), device, dtype)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
+        if key in self._failed:
+            raise RuntimeError(self._failed[key])
         while len(self._models) >= self.capacity:
             self._models.popitem(last=False)
         loader = self.registry.require("model_loader", info.loader).obj
-        model = loader.load(info, device, dtype)
+        family = self.registry.require("family", info.family or "sd1").obj
+        try:
+            model = loader.load(info, device, dtype, family)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._failed[key] = f"model '{info.ref}' failed to load: {type(exc).__name__}: {exc}"
+            raise RuntimeError(self._failed[key]) from exc
+        family.prepare(model)
+        if self.registry.pm is not None:
+            self.registry.pm.hook.prepare_model(model=model)
         self.loads += 1
         self._models[key] = model
         return model
+
+
+# ---------------------------------------------------------------- family detection (no weights read)
+def safetensors_keys(path: str | os.PathLike, limit: int = 64 << 20) -> list[str]:
+    """Tensor names of a .safetensors file, from its JSON header alone.
+
+    Raises ValueError for a file that is not safetensors (a renamed pickle, say)."""
+    import struct
+
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", head)
+        if size <= 1 or size > limit:
+            raise ValueError(f"{path} is not a safetensors file (no valid header; a renamed pickle?)")
+        try:
+            header = json.loads(handle.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON; a renamed pickle?)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a table)")
+    return [key for key in header if key != "__metadata__"]
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub model (the one refs/main names), or None."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    root = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    ref = root / "refs" / "main"
+    if ref.is_file():
+        folder = root / "snapshots" / ref.read_text().strip()
+        if folder.is_dir():
+            return folder
+    snapshots = sorted((root / "snapshots").glob("*")) if (root / "snapshots").is_dir() else []
+    return snapshots[-1] if snapshots else None
+
+
+def detect_family(registry, info: ModelInfo) -> str | None:
+    """The family of a described model, from model_index.json's pipeline class or a single file's keys."""
+    families = [entry.obj for entry in registry.entries.get("family", {}).values()]
+    location = Path(info.location)
+    folder = hub_snapshot(info.location) if info.kind == "hub" else location
+    if folder is not None and (folder / "model_index.json").is_file():
+        try:
+            pipeline = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+        except (OSError, ValueError):
+            return None
+        return next((f.name for f in families if pipeline in f.pipeline_classes), None)
+    if location.is_file() and location.suffix.lower() == ".safetensors":
+        keys = safetensors_keys(location)
+        return next((f.name for f in families if f.matches_keys(keys)), None)
+    return None

@@ -312,6 +312,10 @@ class Plan:
         if "size" in values:
             width, height = SIZE_PATTERN.fullmatch(values["size"]).groups()
             fields["width"], fields["height"] = int(width), int(height)
+        if info is not None and (base.model_family or info.memory.get("t5") == "off" or info.memory.get("vae_tiling")):
+            # settings that change how the model computes: part of the id (defaults add nothing, ids stay)
+            extra["model"] = {"family": info.family, "t5": info.memory.get("t5"),
+                              "vae_tiling": info.memory.get("vae_tiling")}
         fields["conditioners"] = _with_options(self.conditioners, values)
         fields["postprocess"] = _with_options(self.postprocess, values)
         if self.inputs:

@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "sdbatch"
 
 #: kind -> the hook that registers it
 KINDS = {
+    "family": "register_families",
     "model_loader": "register_model_loaders",
     "conditioner": "register_conditioners",
     "sampler": "register_samplers",
@@ -86,9 +87,11 @@ def plugin_errors(entry: Entry, fatal: bool = False):
     SdbatchErrors pass through unchanged (they already speak to the user). Anything else
     becomes PluginCallError (an item failure), or PluginError with ``fatal=True`` (stops the run).
     """
+    from .api import BatchSplit
+
     try:
         yield
-    except (SdbatchError, PluginCallError):
+    except (SdbatchError, PluginCallError, BatchSplit):
         raise
     except Exception as exc:
         full = DiskFull.wrap(exc, "the output folder")
@@ -111,6 +114,7 @@ class Registry:
     entries: dict = field(default_factory=lambda: {kind: {} for kind in KINDS})
     aliases: dict = field(default_factory=lambda: {kind: {} for kind in KINDS})
     failures: list = field(default_factory=list)
+    pm: Any = None  # the plugin manager, for hooks called at run time (prepare_model)
 
     def get(self, kind: str, name: str) -> Entry | None:
         table = self.entries[kind]
@@ -209,7 +213,7 @@ def origin_of(pm: pluggy.PluginManager, plugin: Any) -> Origin:
 
 def build_registry(pm: pluggy.PluginManager, failures: list | None = None) -> Registry:
     """Call every register_* hook, one plugin at a time so each entry knows its origin."""
-    registry = Registry(failures=list(failures or []))
+    registry = Registry(failures=list(failures or []), pm=pm)
     for kind, hook_name in KINDS.items():
         hook = getattr(pm.hook, hook_name)
         # pluggy calls implementations last-registered-first, tryfirst before trylast.

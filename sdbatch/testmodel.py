@@ -5,6 +5,7 @@ CLIP BPE tokenizer, SD 1.x scheduler) with random weights that are a pure functi
 It loads with ``StableDiffusionPipeline.from_pretrained(folder)`` and renders 64×64 images in a
 fraction of a second on a CPU. With ``single_file=`` the same weights are also written as one
 LDM-layout ``.safetensors`` checkpoint for ``from_single_file(file, config=folder)``.
+The SDXL, SD3 and FLUX.1 test models are in ``sdbatch.testfamilies``.
 
 Command line::
 
@@ -112,19 +113,20 @@ def build_bpe(words=WORDS) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def write_tokenizer(folder, words=WORDS) -> Path:
+def write_tokenizer(folder, words=WORDS, pad_token: str = EOS) -> Path:
     """Write a CLIP tokenizer (``vocab.json``, ``merges.txt`` and configs) that ``CLIPTokenizer.from_pretrained`` loads.
 
     The files are written by hand rather than through ``CLIPTokenizer(vocab_file=...)``:
     transformers 5.x ignores those arguments silently and builds an empty vocabulary.
-    Like SD 1.x's tokenizer, it pads with ``<|endoftext|>`` to ``model_max_length`` 77.
+    Like SD 1.x's tokenizer, it pads with ``<|endoftext|>`` to ``model_max_length`` 77
+    (SDXL's second tokenizer pads with ``!``: pass ``pad_token``).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_bpe(words)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
               "clean_up_tokenization_spaces": False, **special}
@@ -155,20 +157,25 @@ def _tiny_unet(sample_size: int):
     )
 
 
-def _tiny_vae(blocks: int):
-    """An SD-shaped KL autoencoder; ``blocks`` levels give a scale factor of 2**(blocks-1)."""
+def _tiny_vae(blocks: int, latent_channels: int = 4, **config):
+    """An SD-shaped KL autoencoder; ``blocks`` levels give a scale factor of 2**(blocks-1).
+
+    ``config`` adds AutoencoderKL settings of other families (scaling and shift factors, no
+    quant convs ...).
+    """
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         block_out_channels=tuple(32 if i < 2 else 64 for i in range(blocks)),
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
         layers_per_block=1,
         norm_num_groups=32,
         sample_size=64,
+        **config,
     )
 
 
@@ -192,15 +199,16 @@ def _tiny_text_encoder(vocab: dict[str, int]):
     return CLIPTextModel(config).eval()
 
 
+#: The noise schedule SD 1.x and SDXL were trained with.
+SD_TRAINING_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
 def _sd1_scheduler():
     """PNDM with the Stable Diffusion 1.x training schedule (as shipped in SD 1.5's scheduler/)."""
     from diffusers import PNDMScheduler
 
     return PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **SD_TRAINING_BETAS,
         skip_prk_steps=True,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -212,7 +220,7 @@ def build_tiny_model(folder, seed: int = 0, single_file=None, vae_blocks: int = 
 
     Weights are a pure function of ``seed``: the same seed writes byte-identical weight files.
     The caller's global torch RNG state is left untouched. With ``single_file``, the same
-    weights are also written there in the original LDM layout (see ``sdbatch.convert``).
+    weights are also written there in the original LDM layout (see ``sdbatch.ldm_checkpoint``).
     """
     import torch
     from diffusers import StableDiffusionPipeline
@@ -251,9 +259,9 @@ def build_tiny_model(folder, seed: int = 0, single_file=None, vae_blocks: int = 
     (folder / "sdbatch.json").write_text(json.dumps(SDBATCH_DEFAULTS, indent=2) + "\n")
 
     if single_file is not None:
-        from sdbatch.convert import pipeline_to_ldm_checkpoint
+        from sdbatch.ldm_checkpoint import write_original_checkpoint
 
-        pipeline_to_ldm_checkpoint(folder, single_file)
+        write_original_checkpoint(folder, single_file)
     return folder
 
 

@@ -46,6 +46,57 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
+def _build_family(tmp_path_factory, family: str) -> Path:
+    """Build one tiny family model (diffusers folder ``<root>/<family>``, single file ``<root>/<family>.safetensors``)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from sdbatch.testfamilies import BUILDERS
+
+    root = tmp_path_factory.mktemp(f"tiny-{family}")
+    return BUILDERS[family](root / family, seed=0, single_file=root / f"{family}.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny random SDXL folder (diffusers layout, seed 0); its single file is ``tiny_sdxl_single_file``."""
+    return _build_family(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_single_file(tiny_sdxl) -> Path:
+    """``tiny_sdxl``'s weights as one SDXL-layout .safetensors (load with ``config=tiny_sdxl``)."""
+    return tiny_sdxl.parent / "sdxl.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny random SD3.5-architecture folder (diffusers layout, seed 0, with T5)."""
+    return _build_family(tmp_path_factory, "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_single_file(tiny_sd3) -> Path:
+    """``tiny_sd3``'s weights as one SD3-layout .safetensors with CLIP-L, CLIP-G and T5 (load with ``config=tiny_sd3``)."""
+    return tiny_sd3.parent / "sd3.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny random FLUX.1-dev-architecture folder (diffusers layout, seed 0)."""
+    return _build_family(tmp_path_factory, "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_single_file(tiny_flux) -> Path:
+    """``tiny_flux``'s weights as one ComfyUI all-in-one FLUX .safetensors.
+
+    diffusers 0.42's ``FluxPipeline.from_single_file`` cannot read its transformer at this width
+    (it assumes FLUX's 3072); the VAE and text encoders load with ``config=tiny_flux``.
+    """
+    return tiny_flux.parent / "flux.safetensors"
+
+
 @pytest.fixture
 def write_job(tmp_path):
     """Write a job file from YAML text (dedented) and return its path."""

@@ -84,9 +84,7 @@ def test_local_basis_agrees_with_the_svd_of_the_full_jacobian(tiny_model, regist
 
     job = load_job(write_job(f"model: {tiny_model}\nprompt: a circle\n"), registry)
     model = Renderer(registry, "cpu", "float32", job.plan.models).model_for(job.plan.item_at(0))
-    from sdbatch_plugins.text import encode_prompt
-
-    embeds = encode_prompt(model, "a circle").clone()
+    embeds = model.encode_prompt("a circle")["encoder_hidden_states"].clone()
     x_t = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3))
     vectors, values = local_basis(model.unet, x_t, 500, embeds, count=3, iterations=30, seed=1)
 

@@ -289,12 +289,14 @@ def test_every_hook_has_a_docstring():
     for name, fn in specs.items():
         doc = inspect.getdoc(fn)
         assert doc and len(doc.split()) >= 5, f"hook {name} has no docstring"
-        assert "register(" in doc, f"hook {name}'s docstring does not show how to call register"
+        if name.startswith("register_"):
+            assert "register(" in doc, f"hook {name}'s docstring does not show how to call register"
 
 
-def test_every_hook_takes_register():
+def test_every_register_hook_takes_register():
     for name, fn in hook_specs().items():
-        assert list(inspect.signature(fn).parameters) == ["register"], name
+        if name.startswith("register_"):
+            assert list(inspect.signature(fn).parameters) == ["register"], name
 
 
 # ---------------------------------------------------------------- samplers

@@ -1,4 +1,4 @@
-"""The tiny offline Stable Diffusion model (sdbatch.testmodel) and the LDM key conversion (sdbatch.convert)."""
+"""The tiny offline Stable Diffusion model (sdbatch.testmodel) and its LDM-layout single file (sdbatch.ldm_checkpoint)."""
 
 import hashlib
 import json
@@ -135,7 +135,7 @@ def test_convert_matches_diffusers_loader_for_full_size_sd15():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from sdbatch.convert import UNET_PREFIX, VAE_PREFIX, unet_to_ldm, vae_to_ldm
+    from sdbatch.ldm_checkpoint import UNET_PREFIX, VAE_PREFIX, unet_to_ldm, vae_to_ldm
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -161,7 +161,7 @@ def test_convert_matches_diffusers_loader_for_full_size_sd15():
 
 
 def test_convert_rejects_unknown_keys():
-    from sdbatch.convert import unet_to_ldm
+    from sdbatch.ldm_checkpoint import unet_to_ldm
 
-    with pytest.raises(ValueError, match="add_embedding"):
-        unet_to_ldm({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1), "add_embedding.linear_1.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="class_embedding"):
+        unet_to_ldm({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1), "class_embedding.linear_1.weight": torch.zeros(1)})

@@ -115,16 +115,16 @@ def test_ddim_inversion_round_trip_error_falls_as_steps_rise(write_job, registry
 
     from sdbatch.inversion import ddim_invert, encode_image
     from sdbatch.tiny.scenes import make_scene
-    from sdbatch_plugins.text import encode_prompt
 
     job = load_job(write_job("prompt: x\n"), registry)
     model = Renderer(registry, "cpu", "float32", job.plan.models).model_for(job.plan.item_at(0))
     scene = make_scene(seed=3)
     latents = encode_image(model, Image.fromarray(scene.image))
-    embeds = encode_prompt(model, scene.caption)
+    conditioning = model.encode_prompt(scene.caption)
+    embeds = conditioning["encoder_hidden_states"]
     errors = []
     for steps in (5, 20, 50):
-        sample = ddim_invert(model, latents, embeds, steps)[None]
+        sample = ddim_invert(model, latents, conditioning, steps, scene.image.shape[1], scene.image.shape[0])[None]
         scheduler = DDIMScheduler.from_config(model.scheduler_config)
         scheduler.set_timesteps(steps)
         with torch.inference_mode():

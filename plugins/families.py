@@ -1,0 +1,331 @@
+"""Built-in model families: Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1.
+
+Each family does what its diffusers pipeline does, step for step, so that sdbatch's pixels
+equal the pipeline's for the same prompt, seed, steps, guidance and sampler (tests check
+it on tiny models of each architecture). What sdbatch adds is per-item rows: every item
+has its own noise, guidance scale and conditioning, never shared with its batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+from sdbatch import hookimpl
+from sdbatch.api import Family
+
+ALL_CAPABILITIES = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint",
+                              "text_edit", "local_basis", "sega", "attention"})
+
+
+# ---------------------------------------------------------------- CLIP helpers
+def _tokens(tokenizer, text: str, length: int | None = None):
+    """Token ids (1, length) padded and truncated as the pipelines do; warns when text is cut."""
+    length = length or tokenizer.model_max_length
+    ids = tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    if len(tokenizer(text, truncation=False).input_ids) > length:
+        print(f"sdbatch: prompt truncated to {length} tokens: {text[:60]!r}...", file=sys.stderr)
+    return ids
+
+
+def final_layer_norm(encoder):
+    """The CLIP text transformer's final LayerNorm (transformers 5 moved it off ``.text_model``)."""
+    return getattr(encoder, "text_model", encoder).final_layer_norm
+
+
+def clip_states(encoder, tokenizer, text: str, device, layer: int = 1, normalize: bool = False):
+    """(hidden states (tokens, features), output[0]) of one prompt.
+
+    ``layer`` counts from the end: 1 is the last hidden state, 2 the one before (A1111's
+    Clip skip). ``normalize`` passes an earlier layer through the final LayerNorm, as
+    SD 1.x does; SDXL and SD3 take the penultimate layer as it is.
+    """
+    output = encoder(_tokens(tokenizer, text).to(device), output_hidden_states=True)
+    if layer == 1 and normalize:
+        hidden = output[0]
+    else:
+        hidden = output.hidden_states[-layer]
+        if normalize:
+            hidden = final_layer_norm(encoder)(hidden)
+    return hidden[0], output[0][0]
+
+
+def t5_states(encoder, tokenizer, text: str, device, length: int):
+    """T5 encoder states (length, features) of one prompt."""
+    return encoder(_tokens(tokenizer, text, length).to(device), output_hidden_states=False)[0][0]
+
+
+def _rows(value, like):
+    """A scalar-per-row tensor broadcastable against ``like`` (rows first)."""
+    return value.view(-1, *([1] * (like.dim() - 1)))
+
+
+# ---------------------------------------------------------------- SD 1.x / 2.x
+class StableDiffusion(Family):
+    """SD 1.x and 2.x: one CLIP text encoder, a U-Net, an 8x VAE."""
+
+    name = "sd1"
+    description = "Stable Diffusion 1.x/2.x"
+    pipeline = "StableDiffusionPipeline"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                        "StableDiffusionInpaintPipeline", "StableDiffusionControlNetPipeline")
+    components = ("unet", "vae", "text_encoder", "tokenizer")
+    capabilities = ALL_CAPABILITIES
+    defaults = {"width": 512, "height": 512, "steps": 20, "guidance": 7.0, "sampler": "Euler a"}
+
+    def matches_keys(self, keys) -> bool:
+        return any(k.startswith("cond_stage_model.") for k in keys) and any(
+            k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+
+    def load_kwargs(self, memory: dict) -> dict:
+        return {"safety_checker": None, "requires_safety_checker": False}
+
+    def encode_prompt(self, model, text: str, options: dict) -> dict:
+        # A1111 prompt syntax: (word:1.2) weights, BREAK, any length as 75-token chunks; <lora:...> tags removed
+        from .prompts import clip_encoder, encode_prompt_chunks, extract_networks
+
+        text, _ = extract_networks(text)
+        encoder = clip_encoder(model.text_encoder, options.get("clip_skip", 1))
+        hidden, _ = encode_prompt_chunks(model.tokenizer, encoder, text)
+        return {"encoder_hidden_states": hidden.to(model.dtype)}
+
+    def unet_inputs(self, model, x, cond: dict, width: int, height: int) -> dict:
+        """The U-Net's conditioning keyword arguments (ControlNets take the same)."""
+        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
+
+    def denoise(self, model, x, t, cond: dict, guidance, width: int = 0, height: int = 0, **kwargs):
+        return model.unet(x, t, return_dict=False, **self.unet_inputs(model, x, cond, width, height), **kwargs)[0]
+
+
+# ---------------------------------------------------------------- SDXL
+class StableDiffusionXL(StableDiffusion):
+    """SDXL: two CLIP encoders (states concatenated, pooled from the second) and size micro-conditioning."""
+
+    name = "sdxl"
+    description = "Stable Diffusion XL"
+    pipeline = "StableDiffusionXLPipeline"
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                        "StableDiffusionXLInpaintPipeline", "StableDiffusionXLControlNetPipeline")
+    components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint", "text_edit"})
+    limits = {
+        "local_basis": "local-basis edits are not supported on SDXL yet (its U-Net Jacobian needs the pooled and "
+                       "size conditioning); use prompt-difference directions",
+        "sega": "semantic guidance is not supported on SDXL yet; use prompt-difference directions",
+        "attention": "attention interpolation is not supported on SDXL yet",
+    }
+    defaults = {"width": 1024, "height": 1024, "steps": 30, "guidance": 5.0, "sampler": "Euler"}
+
+    def matches_keys(self, keys) -> bool:
+        return any(k.startswith("conditioner.embedders.1.") for k in keys)
+
+    def load_kwargs(self, memory: dict) -> dict:
+        return {}
+
+    def encode_prompt(self, model, text: str, options: dict) -> dict:
+        # Each encoder's penultimate layer (Clip skip 2 goes one further), as the pipeline and A1111 do,
+        # with A1111's prompt syntax and 75-token chunks; the pooled embedding is CLIP-G's first chunk's.
+        import torch
+
+        from .prompts import clip_encoder, encode_prompt_chunks, extract_networks
+
+        text, _ = extract_networks(text)
+        skip = options.get("clip_skip", 1)
+        pairs = ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2))
+        parts, pooled = [], None
+        for tokenizer, encoder in pairs:
+            hidden, pooled = encode_prompt_chunks(tokenizer, clip_encoder(encoder, skip, penultimate=True), text)
+            parts.append(hidden)
+        longest = max(part.shape[0] for part in parts)
+        for index, (tokenizer, encoder) in enumerate(pairs):  # the tokenizers split differently: pad with ""
+            if parts[index].shape[0] < longest:
+                empty, _ = encode_prompt_chunks(tokenizer, clip_encoder(encoder, skip, penultimate=True), "")
+                parts[index] = torch.cat([parts[index], *[empty] * ((longest - parts[index].shape[0]) // 77)])
+        return {"encoder_hidden_states": torch.cat(parts, dim=-1).to(model.dtype),
+                "text_embeds": pooled.to(model.dtype)}
+
+    def unet_inputs(self, model, x, cond: dict, width: int, height: int) -> dict:
+        import torch
+
+        # original size, crop top-left, target size: the image's own size, no crop (the pipeline's default)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=x.device,
+                                dtype=cond["encoder_hidden_states"].dtype).repeat(len(x), 1)
+        return {"encoder_hidden_states": cond["encoder_hidden_states"],
+                "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": time_ids}}
+
+    def prepare(self, model) -> None:
+        # SDXL's VAE overflows in float16 (black or NaN images): decode in float32 unless the VAE is fp16-safe.
+        import torch
+
+        if model.dtype == torch.float16 and model.vae.config.get("force_upcast", False):
+            model.vae.to(torch.float32)
+
+
+# ---------------------------------------------------------------- flow-matching transformers
+class _FlowFamily(Family):
+    """Shared by SD3 and FLUX.1: flow matching, a transformer denoiser, a 16-channel VAE with shift."""
+
+    sampler_kind = "flow"
+    limits = {
+        "local_basis": "local-basis edits need a U-Net mid-block; {name} has a transformer and none",
+        "controlnet": "ControlNets for {name} are not supported yet (SD 1.x and SDXL ControlNets only)",
+        "attention": "attention interpolation swaps U-Net cross-attention processors; {name} has joint attention",
+        "clip_skip": "{name} takes no Clip skip option",
+    }
+
+    def why_not(self, capability: str) -> str:
+        return super().why_not(capability).format(name=self.description)
+
+    def _mu(self, scheduler, image_seq_len: int) -> float:
+        """The resolution-dependent shift of dynamic-shifting schedules (the pipelines' calculate_shift)."""
+        config = scheduler.config
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        slope = (max_shift - base_shift) / (max_len - base_len)
+        return image_seq_len * slope + (base_shift - slope * base_len)
+
+
+class StableDiffusion3(_FlowFamily):
+    """SD3/SD3.5: CLIP-L + CLIP-G + T5 (optional), MMDiT transformer, flow matching."""
+
+    name = "sd3"
+    description = "Stable Diffusion 3/3.5"
+    pipeline = "StableDiffusion3Pipeline"
+    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
+                        "StableDiffusion3InpaintPipeline")
+    components = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                  "tokenizer", "tokenizer_2", "tokenizer_3")
+    capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "img2img", "inpaint", "text_edit", "sega"})
+    limits = {**_FlowFamily.limits, "clip_skip": "{name}: clip_skip applies to its CLIP encoders only"}
+    defaults = {"width": 1024, "height": 1024, "steps": 28, "guidance": 4.5, "sampler": "Flow Euler"}
+    #: T5 tokens, as the pipeline's max_sequence_length default.
+    t5_length = 256
+
+    def matches_keys(self, keys) -> bool:
+        return any(k.startswith(("model.diffusion_model.joint_blocks.", "joint_blocks.")) for k in keys)
+
+    def load_kwargs(self, memory: dict) -> dict:
+        # Without T5 the model takes a fraction of the memory (the pipeline feeds zeros in its place).
+        return {"text_encoder_3": None, "tokenizer_3": None} if memory.get("t5") == "off" else {}
+
+    def encode_prompt(self, model, text: str, options: dict) -> dict:
+        import torch
+
+        layer = options.get("clip_skip", 1) + 1
+        clip_l, pooled_l = clip_states(model.text_encoder, model.tokenizer, text, model.device, layer)
+        clip_g, pooled_g = clip_states(model.text_encoder_2, model.tokenizer_2, text, model.device, layer)
+        width = model.transformer.config.joint_attention_dim
+        clip = torch.nn.functional.pad(torch.cat([clip_l, clip_g], dim=-1), (0, width - clip_l.shape[-1] - clip_g.shape[-1]))
+        if model.components.get("text_encoder_3") is not None:
+            t5 = t5_states(model.text_encoder_3, model.tokenizer_3, text, model.device, self.t5_length)
+        else:
+            t5 = torch.zeros(self.t5_length, width, device=model.device, dtype=clip.dtype)
+        return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2).to(model.dtype),
+                "pooled_projections": torch.cat([pooled_l, pooled_g], dim=-1).to(model.dtype)}
+
+    def set_timesteps(self, model, scheduler, steps: int, width: int, height: int) -> None:
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            patch = model.transformer.config.patch_size
+            factor = model.vae_scale_factor
+            kwargs["mu"] = self._mu(scheduler, (height // factor // patch) * (width // factor // patch))
+        scheduler.set_timesteps(steps, device=model.device, **kwargs)
+
+    def denoise(self, model, x, t, cond: dict, guidance, width: int = 0, height: int = 0, **kwargs):
+        return model.transformer(hidden_states=x, timestep=t.expand(len(x)),
+                                 encoder_hidden_states=cond["encoder_hidden_states"],
+                                 pooled_projections=cond["pooled_projections"], return_dict=False, **kwargs)[0]
+
+
+class Flux(_FlowFamily):
+    """FLUX.1: pooled CLIP + T5, guidance-distilled (guidance is an input, no unconditional pass), packed latents."""
+
+    name = "flux"
+    description = "FLUX.1"
+    pipeline = "FluxPipeline"
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    components = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    capabilities = frozenset({"img2img", "text_edit"})
+    limits = {**_FlowFamily.limits,
+              "cfg": "FLUX.1 is guidance-distilled: guidance is an input to the model, not a second pass",
+              "negative_prompt": "FLUX.1 takes no negative prompt (it has no unconditional pass)",
+              "sega": "semantic guidance needs an unconditional pass; FLUX.1 has none",
+              "inpaint": "inpainting on FLUX.1 needs the FLUX.1 Fill model, which sdbatch does not run yet",
+              "clip_skip": "FLUX.1 takes no Clip skip option"}
+    defaults = {"width": 1024, "height": 1024, "steps": 28, "guidance": 3.5, "sampler": "Flow Euler"}
+    #: T5 tokens, as the pipeline's max_sequence_length default.
+    t5_length = 512
+
+    def matches_keys(self, keys) -> bool:
+        return any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)
+
+    def encode_prompt(self, model, text: str, options: dict) -> dict:
+        pooled = model.text_encoder(_tokens(model.tokenizer, text).to(model.device), output_hidden_states=False)
+        t5 = t5_states(model.text_encoder_2, model.tokenizer_2, text, model.device, self.t5_length)
+        return {"encoder_hidden_states": t5.to(model.dtype), "pooled_projections": pooled.pooler_output[0].to(model.dtype)}
+
+    def uses_cfg(self, model) -> bool:
+        return False
+
+    def _latent_size(self, model, width: int, height: int) -> tuple:
+        factor = model.vae_scale_factor * 2  # the VAE's 8x, then 2x2 patches
+        return 2 * (height // factor), 2 * (width // factor)
+
+    def latent_shape(self, model, width: int, height: int) -> tuple:
+        h, w = self._latent_size(model, width, height)
+        return (model.transformer.config.in_channels // 4, h, w)
+
+    def pack(self, model, latents):
+        rows, channels, h, w = latents.shape
+        packed = latents.view(rows, channels, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return packed.reshape(rows, (h // 2) * (w // 2), channels * 4)
+
+    def unpack(self, model, latents, width: int, height: int):
+        rows, _, channels = latents.shape
+        h, w = self._latent_size(model, width, height)
+        unpacked = latents.view(rows, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return unpacked.reshape(rows, channels // 4, h, w)
+
+    def set_timesteps(self, model, scheduler, steps: int, width: int, height: int) -> None:
+        import numpy as np
+
+        h, w = self._latent_size(model, width, height)
+        kwargs = {}
+        params = inspect.signature(scheduler.set_timesteps).parameters
+        if "sigmas" in params and not scheduler.config.get("use_flow_sigmas", False):
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+        if "mu" in params and scheduler.config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = self._mu(scheduler, (h // 2) * (w // 2))
+        scheduler.set_timesteps(steps, device=model.device, **kwargs)
+
+    def _image_ids(self, model, width: int, height: int, dtype):
+        import torch
+
+        h, w = self._latent_size(model, width, height)
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
+        ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
+        return ids.reshape(-1, 3).to(model.device, dtype)
+
+    def denoise(self, model, x, t, cond: dict, guidance, width: int = 0, height: int = 0, **kwargs):
+        import torch
+
+        states = cond["encoder_hidden_states"]
+        embed = guidance.to(model.device, torch.float32) if model.transformer.config.guidance_embeds else None
+        text_ids = torch.zeros(states.shape[1], 3, device=model.device, dtype=states.dtype)
+        timestep = t.expand(len(x)).to(x.dtype) / 1000
+        return model.transformer(hidden_states=x, timestep=timestep, guidance=embed,
+                                 pooled_projections=cond["pooled_projections"], encoder_hidden_states=states,
+                                 txt_ids=text_ids, img_ids=self._image_ids(model, width, height, states.dtype),
+                                 return_dict=False, **kwargs)[0]
+
+
+FAMILIES = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
+ALIASES = {"sd1": ("sd15", "sd2", "sd21"), "sdxl": ("sd-xl",), "sd3": ("sd35", "sd3.5"), "flux": ("flux1", "flux.1")}
+
+
+@hookimpl(trylast=True)
+def register_families(register):
+    """SD 1.x/2.x, SDXL, SD3/3.5 and FLUX.1."""
+    for family in FAMILIES:
+        register(family, aliases=ALIASES.get(family.name, ()))

@@ -1,0 +1,352 @@
+"""Model families: sdbatch renders each family as its diffusers pipeline does, per item.
+
+Parity is checked on tiny random models of each architecture (built offline, once per
+session); the SD 1.x parity runs on the shipped sdbatch-tiny as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from sdbatch import hookimpl
+from sdbatch.job import JobError, load_job
+from sdbatch.render import Renderer
+
+pytestmark = pytest.mark.slow
+
+#: family -> (pipeline class, guidance, sdbatch sampler, whether it has a negative prompt)
+FAMILIES = {
+    "sd1": ("StableDiffusionPipeline", 7.5, "Euler", True),
+    "sdxl": ("StableDiffusionXLPipeline", 5.0, "Euler", True),
+    "sd3": ("StableDiffusion3Pipeline", 4.5, "Flow Euler", True),
+    "flux": ("FluxPipeline", 3.5, "Flow Euler", False),
+}
+
+
+@pytest.fixture
+def family_model(request, tiny_model):
+    """The tiny model folder of the family named by the test's parameter."""
+    name = request.param
+    return name, (tiny_model if name == "sd1" else request.getfixturevalue(f"tiny_{name}"))
+
+
+def _job(write_job, folder, family: str, seeds=(5, 6, 7), extra: str = ""):
+    _, guidance, sampler, negative = FAMILIES[family]
+    negative_line = 'negative_prompt: "blurry"' if negative else ""
+    return write_job(f"""
+        model: {folder}
+        prompt: "a red circle on blue background"
+        {negative_line}
+        sampler: "{sampler}"
+        steps: 3
+        guidance: {guidance}
+        width: 64
+        height: 64
+        sweep:
+          seed: {list(seeds)}
+        {extra}
+    """, f"{family}.yaml")
+
+
+def _pipeline_pixels(family: str, folder, seeds, negative: bool, registry):
+    """What the family's diffusers pipeline renders for the same items (one generator per item)."""
+    import diffusers
+    import torch
+
+    cls, guidance, sampler, _ = FAMILIES[family]
+    pipe = getattr(diffusers, cls).from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+    pipe.scheduler = registry.require("sampler", sampler).obj.create(pipe.scheduler.config)
+    kwargs = {"negative_prompt": ["blurry"] * len(seeds)} if negative else {}
+    if family == "sd1":
+        pipe.safety_checker = None
+    images = pipe(["a red circle on blue background"] * len(seeds), num_inference_steps=3, guidance_scale=guidance,
+                  height=64, width=64, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                  output_type="np", **kwargs).images
+    return [(image * 255).round().astype("uint8") for image in images]
+
+
+@pytest.mark.parametrize("family_model", list(FAMILIES), indirect=True)
+def test_pixels_match_the_family_pipeline_and_ignore_the_batch(family_model, write_job, registry):
+    family, folder = family_model
+    job = load_job(_job(write_job, folder, family), registry)
+    info = next(iter(job.plan.models.values()))
+    assert info.family == family  # detected from model_index.json
+    items = list(job.plan)
+    renderer = Renderer(registry, "cpu", "float32", job.plan.models)
+    together = [np.asarray(r.image) for r in renderer.render(items)]
+    alone = [np.asarray(renderer.render([item])[0].image) for item in items]
+    for a, b in zip(together, alone):
+        assert np.array_equal(a, b)  # batch composition never changes pixels
+    expected = _pipeline_pixels(family, folder, [item.seed for item in items], FAMILIES[family][3], registry)
+    for ours, theirs in zip(alone, expected):
+        # sdbatch's CPU kernels are row-independent (per-row GEMMs, oneDNN off): results can differ
+        # from the batched pipeline in the last float bits, so at most one level in 255.
+        difference = np.abs(ours.astype(int) - theirs.astype(int))
+        print(f"{family}: max difference {difference.max()}, mean {difference.mean():.4f}")
+        assert difference.max() <= 1, family
+    assert len({a.tobytes() for a in alone}) == len(alone)  # seeds change the picture
+
+
+def test_flux_single_file_is_detected_from_its_tensor_names(write_job, registry, tiny_flux, tiny_flux_single_file):
+    # (diffusers 0.42 cannot load a FLUX transformer narrower than 3072 from a single file, so no render here)
+    job = load_job(_job(write_job, tiny_flux_single_file, "flux", seeds=(3,), extra=f"model_config: {tiny_flux}"),
+                   registry)
+    assert job.plan.models[str(tiny_flux_single_file)].family == "flux"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_single_file_is_detected_and_renders_like_its_folder(family, write_job, registry, request):
+    folder = request.getfixturevalue(f"tiny_{family}")
+    single = request.getfixturevalue(f"tiny_{family}_single_file")
+    folder_job = load_job(_job(write_job, folder, family, seeds=(3,)), registry)
+    file_job = load_job(_job(write_job, single, family, seeds=(3,), extra=f"model_config: {folder}"), registry)
+    info = file_job.plan.models[str(single)]
+    assert (info.kind, info.family) == ("single-file", family)  # detected from the file's tensor names
+    a = Renderer(registry, "cpu", "float32", folder_job.plan.models).render(list(folder_job.plan))[0]
+    b = Renderer(registry, "cpu", "float32", file_job.plan.models).render(list(file_job.plan))[0]
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_sd3_without_t5_renders_and_is_another_item(write_job, registry, tiny_sd3):
+    with_t5 = load_job(_job(write_job, tiny_sd3, "sd3", seeds=(3,)), registry)
+    without = load_job(_job(write_job, tiny_sd3, "sd3", seeds=(3,), extra="memory: {t5: 'off'}"), registry)
+    a, b = with_t5.plan.item_at(0), without.plan.item_at(0)
+    assert a.id != b.id  # the T5 setting changes pixels, so it is part of the id
+    renderer_a = Renderer(registry, "cpu", "float32", with_t5.plan.models)
+    renderer_b = Renderer(registry, "cpu", "float32", without.plan.models)
+    model = renderer_b.model_for(b)
+    assert model.components["text_encoder_3"] is None
+    pixels_a = np.asarray(renderer_a.render([a])[0].image)
+    pixels_b = np.asarray(renderer_b.render([b])[0].image)
+    assert not np.array_equal(pixels_a, pixels_b)
+
+
+@pytest.mark.parametrize("family,conditioner,message", [
+    ("flux", "canny: {image: x.png, controlnet: c}", "ControlNets for FLUX.1 are not supported yet"),
+    ("sd3", "canny: {image: x.png, controlnet: c}", "ControlNets for Stable Diffusion 3/3.5 are not supported"),
+    ("flux", "inpaint: {image: x.png, mask: m.png}", "FLUX.1 Fill"),
+])
+def test_a_capability_that_does_not_apply_stops_at_its_line(family, conditioner, message, write_job, registry,
+                                                            request):
+    folder = request.getfixturevalue(f"tiny_{family}")
+    from PIL import Image
+
+    path = write_job(f"""
+        model: {folder}
+        prompt: "a circle"
+        conditioners:
+          - text
+          - {conditioner}
+    """)
+    for name in ("x.png", "m.png"):
+        Image.new("RGB", (64, 64)).save(path.parent / name)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    text = str(error.value)
+    assert message in text and ":5:" in text, text  # at the conditioner's line
+
+
+def test_a_sampler_of_the_other_kind_is_refused_with_those_that_fit(write_job, registry, tiny_flux, tiny_model):
+    with pytest.raises(JobError) as error:
+        load_job(write_job(f"model: {tiny_flux}\nsampler: Euler a\n"), registry)
+    assert "does not fit FLUX.1" in str(error.value) and "Flow Euler" in str(error.value)
+    with pytest.raises(JobError) as error:
+        load_job(write_job(f"model: {tiny_model}\nsampler: Flow Euler\n"), registry)
+    assert "does not fit Stable Diffusion 1.x/2.x" in str(error.value)
+
+
+def test_local_basis_on_flux_names_the_reason(write_job, registry, tiny_flux):
+    path = write_job(f"""
+        model: {tiny_flux}
+        edit:
+          source: {{prompt: "a circle", seed: 1}}
+          directions:
+            - {{kind: local-basis, count: 1}}
+    """)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    assert "local-basis edits need a U-Net mid-block; FLUX.1 has" in str(error.value)
+
+
+# ---------------------------------------------------------------- a family from a plugin
+@dataclass
+class _Recorder:
+    calls: list
+
+
+def test_a_plugin_family_renders_without_any_change_to_core(write_job, make_registry, tiny_model):
+    """A third-party family (here: SD 1.x under another name that halves the guidance) plugs in."""
+    from sdbatch_plugins.families import StableDiffusion
+
+    calls = []
+
+    class HalfGuidance(StableDiffusion):
+        name = "half-guidance"
+        description = "a test family"
+        pipeline_classes = ()
+
+        def denoise(self, model, x, t, cond, guidance, width=0, height=0, **kwargs):
+            calls.append(tuple(guidance.tolist()))
+            return super().denoise(model, x, t, cond, guidance, width, height, **kwargs)
+
+    class Plugin:
+        @hookimpl
+        def register_families(self, register):
+            register(HalfGuidance())
+
+    registry = make_registry(Plugin())
+    job = load_job(write_job(f"""
+        model: {tiny_model}
+        model_family: half-guidance
+        prompt: "a red circle"
+        steps: 2
+        guidance: 6
+    """), registry)
+    assert next(iter(job.plan.models.values())).family == "half-guidance"
+    result = Renderer(registry, "cpu", "float32", job.plan.models).render([job.plan.item_at(0)])[0]
+    assert result.image.size == (64, 64)
+    assert calls and calls[0] == (6.0, 6.0)  # the family received the doubled rows' guidance
+
+
+def test_an_unknown_family_is_named_with_a_close_match(write_job, registry, tiny_model):
+    with pytest.raises(JobError) as error:
+        load_job(write_job(f"model: {tiny_model}\nmodel_family: sdx\n"), registry)
+    assert "unknown family 'sdx'" in str(error.value) and "sdxl" in str(error.value)
+
+
+def test_prepare_model_hook_sees_every_loaded_model(write_job, make_registry, tiny_model):
+    seen = []
+
+    class Plugin:
+        @hookimpl
+        def prepare_model(self, model):
+            seen.append((model.family.name, type(model.unet).__name__))
+
+    registry = make_registry(Plugin())
+    job = load_job(write_job(f"model: {tiny_model}\nsteps: 1\n"), registry)
+    Renderer(registry, "cpu", "float32", job.plan.models).render([job.plan.item_at(0)])
+    assert seen == [("sd1", "UNet2DConditionModel")]
+
+
+# ---------------------------------------------------------------- every option renders
+@pytest.mark.parametrize("family_model", ["sd1", "sdxl"], indirect=True)
+def test_clip_skip_renders_and_changes_the_picture(family_model, write_job, registry):
+    family, folder = family_model
+    pictures = []
+    for skip in (1, 2):
+        job = load_job(_job(write_job, folder, family, seeds=(4,),
+                            extra=f"conditioners: [{{text: {{clip_skip: {skip}}}}}]"), registry)
+        result = Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0]
+        pictures.append(np.asarray(result.image))
+    assert not np.array_equal(*pictures)
+
+
+@pytest.mark.parametrize("family_model", ["sdxl", "sd3", "flux"], indirect=True)
+def test_img2img_runs_on_every_family_that_has_it(family_model, write_job, registry):
+    from PIL import Image
+
+    family, folder = family_model
+    source = np.zeros((64, 64, 3), dtype="uint8")
+    source[16:48, 16:48] = (220, 30, 30)
+    path = write_job("x: 1", "unused.yaml").parent / "input.png"
+    Image.fromarray(source).save(path)
+    images = {}
+    for strength in (0.5, 1.0):
+        job = load_job(_job(write_job, folder, family, seeds=(4,), extra=f"""
+        conditioners:
+          - text
+          - img2img: {{image: {path}, strength: {strength}}}
+        """), registry)
+        renderer = Renderer(registry, "cpu", "float32", job.plan.models)
+        first = np.asarray(renderer.render(list(job.plan))[0].image).astype(int)
+        again = np.asarray(renderer.render(list(job.plan))[0].image).astype(int)
+        assert np.array_equal(first, again)
+        images[strength] = first
+    # a low strength keeps more of the input than strength 1 (random weights, so only the order is claimed)
+    assert np.abs(images[0.5] - source).mean() < np.abs(images[1.0] - source).mean()
+
+
+@pytest.mark.parametrize("memory", ["{vae_tiling: true}", "{vae_slicing: true}", "{offload: model}",
+                                    "{offload: sequential}"])
+def test_memory_options_render(memory, write_job, registry, tiny_model):
+    job = load_job(_job(write_job, tiny_model, "sd1", seeds=(4,), extra=f"memory: {memory}"), registry)
+    plain = load_job(_job(write_job, tiny_model, "sd1", seeds=(4,)), registry)
+    a = np.asarray(Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0].image)
+    b = np.asarray(Renderer(registry, "cpu", "float32", plain.plan.models).render(list(plain.plan))[0].image)
+    # at 64x64 tiling never splits, slicing and offloading (a no-op on CPU) keep the math: same pixels
+    assert np.array_equal(a, b)
+
+
+def test_an_uncached_hub_model_is_one_error_at_the_model_line(write_job, registry, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the hub is unreachable
+    path = write_job("prompt: a cat\nmodel: runwayml/stable-diffusion-v1-5\n")
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    text = str(error.value)
+    assert ":2:1:" in text and "not in the local cache" in text and "hf download runwayml/stable-diffusion-v1-5" in text
+    assert text.count("runwayml/stable-diffusion-v1-5' is not") == 1
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_family_example_jobs_validate_offline(name, registry):
+    from pathlib import Path
+
+    job = load_job(Path(__file__).parent.parent / "jobs" / f"{name}.yaml", registry)
+    info = next(iter(job.plan.models.values()))
+    assert info.family == name and len(job.plan) >= 4
+
+
+@pytest.mark.parametrize("family_model", ["sdxl", "sd3"], indirect=True)
+def test_inpainting_keeps_every_unmasked_pixel(family_model, write_job, registry):
+    from PIL import Image
+
+    family, folder = family_model
+    base = write_job("x: 1", "unused.yaml").parent
+    source = np.full((64, 64, 3), 200, dtype="uint8")
+    mask = np.zeros((64, 64), dtype="uint8")
+    mask[16:48, 16:48] = 255
+    Image.fromarray(source).save(base / "in.png")
+    Image.fromarray(mask).save(base / "mask.png")
+    job = load_job(_job(write_job, folder, family, seeds=(4,), extra=f"""
+        conditioners:
+          - text
+          - inpaint: {{image: {base / 'in.png'}, mask: {base / 'mask.png'}, mask_blur: 0}}
+        """), registry)
+    image = np.asarray(Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0].image)
+    assert np.array_equal(image[mask == 0], source[mask == 0])
+    assert not np.array_equal(image[mask == 255], source[mask == 255])
+
+
+def test_an_sdxl_controlnet_steers_and_scale_0_is_no_control(write_job, registry, tiny_sdxl, tmp_path):
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from PIL import Image
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = ControlNetModel.from_unet(unet)
+        zero_convs = [net.controlnet_cond_embedding.conv_out, net.controlnet_mid_block, *net.controlnet_down_blocks]
+        for parameter in (p for conv in zero_convs for p in conv.parameters()):  # not zero: it must act
+            torch.nn.init.normal_(parameter, std=0.2)
+    net.save_pretrained(tmp_path / "cn")
+    edges = np.zeros((64, 64, 3), dtype="uint8")
+    edges[20:44, 30:34] = 255
+    Image.fromarray(edges).save(tmp_path / "map.png")
+    pixels = {}
+    for scale in (0.0, 1.0):
+        job = load_job(_job(write_job, tiny_sdxl, "sdxl", seeds=(4,), extra=f"""
+        conditioners:
+          - text
+          - image: {{image: {tmp_path / 'map.png'}, controlnet: {tmp_path / 'cn'}, scale: {scale}}}
+        """), registry)
+        pixels[scale] = np.asarray(Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0].image)
+    plain = load_job(_job(write_job, tiny_sdxl, "sdxl", seeds=(4,)), registry)
+    without = np.asarray(Renderer(registry, "cpu", "float32", plain.plan.models).render(list(plain.plan))[0].image)
+    assert np.array_equal(pixels[0.0], without)
+    assert not np.array_equal(pixels[1.0], without)
