@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from sdbatch import hookimpl
 from sdbatch.api import Writer
+from sdbatch.output import fsync_folder
 
 STAGING = ".dataset-staging"
 
@@ -219,9 +221,19 @@ class WebDatasetWriter(Writer):
     def _put(self, path: str, data: bytes) -> None:
         """Write to a temporary name and move into place (no half-written shard under its name)."""
         temp = f"{path}.sdbatch-tmp"
-        with self.fs.open(temp, "wb") as handle:
-            handle.write(data)
-        self.fs.mv(temp, path)
+        try:
+            with self.fs.open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                if hasattr(handle, "fileno") and self.fs.protocol in ("file", ("file", "local")):
+                    os.fsync(handle.fileno())  # a local shard survives a power cut once renamed
+            self.fs.mv(temp, path)
+        except BaseException:
+            if self.fs.exists(temp):
+                self.fs.rm(temp)
+            raise
+        if self.fs.protocol in ("file", ("file", "local")):
+            fsync_folder(self.root)
 
 
 def _encode(image, options) -> bytes:

@@ -12,7 +12,8 @@ from sdbatch.api import Direction, DirectionFinder
 @dataclass
 class PromptDifferenceOptions:
     to: str | None = field(default=None, metadata={"help": "the prompt to move towards"})
-    pairs: list[list[str]] = field(default_factory=list, metadata={"help": "[[from, to], ...] averaged"})
+    pairs: list[list[str]] = field(default_factory=list, metadata={
+        "help": "[[from, to], ...] averaged", "items": {"min_items": 2, "max_items": 2}})
     # 'from' is a Python keyword: the job's "from:" key arrives as from_ (see validate_options).
     from_: str | None = None
 
@@ -170,7 +171,8 @@ class Sega(DirectionFinder):
 # ---------------------------------------------------------------- saved directions
 @dataclass
 class FileOptions:
-    path: str = field(metadata={"file": True, "help": "a .safetensors direction saved by an earlier run"})
+    path: str = field(metadata={"file": True, "format": "safetensors",
+                                "help": "a .safetensors direction saved by an earlier run"})
 
 
 class FileDirection(DirectionFinder):

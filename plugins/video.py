@@ -13,6 +13,7 @@ from typing import Literal
 
 from sdbatch import hookimpl
 from sdbatch.api import Writer
+from sdbatch.inputs import audio_problem
 from sdbatch.output import check_template
 
 from .images import ImageWriter, JpegWriter, PngWriter
@@ -71,6 +72,8 @@ class VideoWriter(Writer):
             problems.append("needs a writer that keeps the frames (frames, png, jpeg or webp) in outputs")
         if options.audio and options.format in ("gif", "webp"):
             problems.append(f"{options.format} has no audio track; use mp4 or webm")
+        elif options.audio:
+            problems += filter(None, [audio_problem(options.audio)])
         return problems
 
     def write(self, result) -> list:

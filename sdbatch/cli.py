@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show the items a job expands to (no model is loaded)")
     p.add_argument("job")
     p.add_argument("--count", action="store_true", help="print only the number of items")
-    p.add_argument("--limit", type=int, default=None, help="show at most N items")
-    p.add_argument("--offset", type=int, default=0, help="start at item N")
+    p.add_argument("--limit", type=_count, default=None, help="show at most N items")
+    p.add_argument("--offset", type=_count, default=0, help="start at item N")
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("run", help="render a job; re-running it renders only what is missing")
@@ -46,14 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="output folder (default: out/<job name>)")
     p.add_argument("--add", action="store_true",
                    help="add to an output folder that holds another job's outputs (refused otherwise)")
-    p.add_argument("--batch-size", type=int, default=None, help="override the job's batch_size")
+    p.add_argument("--batch-size", type=_positive, default=None, help="override the job's batch_size")
     p.add_argument("--device", default=None, help="override the job's device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--limit", type=int, default=None, help="render only the first N items of the plan")
+    p.add_argument("--limit", type=_count, default=None, help="render only the first N items of the plan")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: in this process (default); ray: actors on a Ray cluster")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local one")
-    p.add_argument("--workers", type=int, default=None, help="Ray render actors (default: one per GPU, else per CPU)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="Ray render actors (default: one per GPU, else per CPU)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("status", help="progress of a run from its output folder: items, shards, failures, speed")
@@ -85,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_make_test_model)
     return parser
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
 
 
 def _registry():
@@ -231,14 +248,23 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .errors import shorten
+    from .inputs import input_problem
     from .metadata import read_image_metadata
 
     status = 0
     for path in args.images:
         try:
+            problem = input_problem(Path(path))  # a FIFO or a device would never end
+            if problem:
+                raise ValueError(problem)
             meta = read_image_metadata(path)
-        except (OSError, ValueError) as exc:
-            print(f"{path}: cannot read: {exc}", file=sys.stderr)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            print(f"{path}: cannot read: {shorten(str(exc), 300)}", file=sys.stderr)
             status = 1
             continue
         if args.json:

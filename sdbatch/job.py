@@ -6,20 +6,25 @@ see README.md ("Job file reference") for a commented example.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .api import ModelRequest, PluginUse
-from .errors import JobError, KeyPath, did_you_mean
-from .inputs import IMAGE_SUFFIXES, InputFiles, image_files, image_option_names
+from .errors import JobError, KeyPath, did_you_mean, short_repr, shorten
+from .inputs import IMAGE_SUFFIXES, InputFiles, folder_problem, image_files, image_option_names, safetensors_problem
+from .output import check_name
 from .plan import SIZE_PATTERN, Axis, Plan, SeedRange, expand_prompts, PromptError
 from .plugins import Registry
-from .schema import Checker, Invalid, option_fields
+from .schema import Checker, Invalid, kind_of, option_fields
 from .yamlsource import Source, load_file, load_text
 
 MAX_SEED = 2**32 - 1
+MAX_ITEMS = 10**12
+MAX_FRAMES = 100_000  # over an hour at 24 fps; a longer animation is more likely a typo than a plan
+_FRAME = re.compile(r"[0-9]{1,12}")  # ASCII digits only: int() also reads '٣' and '０'
 
 
 def _m(**meta) -> dict:
@@ -33,7 +38,8 @@ class KeyframeSpec:
     prompt: str | None = None
     negative_prompt: str | None = None
     seed: int | None = field(default=None, metadata=_m(min=0, max=MAX_SEED))
-    image: str | None = field(default=None, metadata=_m(file=True, help="an image to start from (DDIM-inverted)"))
+    image: str | None = field(default=None, metadata=_m(file=True, format="image",
+                                                         help="an image to start from (DDIM-inverted)"))
     easing: str | None = field(default=None, metadata=_m(help="easing of the segment that starts here"))
 
 
@@ -61,7 +67,7 @@ class EditSourceSpec:
     prompt: str | None = None
     negative_prompt: str | None = None
     seed: int | None = field(default=None, metadata=_m(min=0, max=MAX_SEED))
-    image: str | None = field(default=None, metadata=_m(file=True))
+    image: str | None = field(default=None, metadata=_m(file=True, format="image"))
 
 
 @dataclass
@@ -228,6 +234,13 @@ class _Validator:
                 self.fail((section,), self.registry.unknown_message("conditioner", conditioner))
             else:
                 uses["conditioners"].append(PluginUse(conditioner, {}))  # runs after the text conditioner
+        wildcards_problem = folder_problem(Path(spec.wildcards)) if spec.wildcards else None
+        if wildcards_problem:  # dynamicprompts would read a FIFO there forever
+            self.fail(("wildcards",), wildcards_problem)
+            spec.wildcards = None
+        name_problem = check_name(spec.name) if spec.name is not None else None
+        if name_problem:
+            self.fail(("name",), name_problem)
         if spec.animation is not None and spec.edit is not None:
             self.fail(("edit",), "a job is either an animation or an edit, not both")
         writers = self._writers(uses["outputs"])
@@ -250,16 +263,27 @@ class _Validator:
             postprocess=tuple(uses["postprocess"]), timeline=timeline, edit=edit, inputs=inputs,
             batch_options=self._batch_options(uses),
         )
+        if plan.size > MAX_ITEMS:  # len() would overflow past 2**63; no run gets near this anyway
+            self.fail(("sweep",) if spec.sweep else (),
+                      f"the plan has {plan.size:.3g} items; the limit is {MAX_ITEMS:,}")
         job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers],
                   self._plugin_objects(uses))
         for writer_class, options, use, index in writers:
-            for message in writer_class.check(options, job):
-                self.fail(("outputs", index, use.name), message)
+            self._plugin_check(("outputs", index, use.name), lambda: writer_class.check(options, job))
         for index, use in zip(self.positions["conditioners"], uses["conditioners"]):
             conditioner = self.registry.get("conditioner", use.name).obj
-            for message in conditioner.check(conditioner.parse_options(use.options), job):
-                self.fail(("conditioners", index, use.name), message)
+            self._plugin_check(("conditioners", index, use.name),
+                               lambda: conditioner.check(conditioner.parse_options(use.options), job))
         return job
+
+    def _plugin_check(self, path: KeyPath, check) -> None:
+        """A plugin's problems with its use; a file it cannot read (a path it stats) is one too."""
+        try:
+            messages = check()
+        except OSError as exc:
+            messages = [f"cannot read {shorten(str(exc.filename or ''))}: {exc.strerror or exc}"]
+        for message in messages:
+            self.fail(path, message)
 
     # -- input images ------------------------------------------------------------------
     def _input_files(self, uses: dict, timeline) -> InputFiles:
@@ -307,10 +331,11 @@ class _Validator:
     def _uses(self, key: str) -> list[PluginUse]:
         value = getattr(self.spec, key)
         kind = USE_KINDS[key]
-        if not isinstance(value, list):
-            self.fail((key,), f"expected a list of {kind}s (a name, or a mapping of name to options)")
-            return []
         result, self.positions[key] = [], []
+        if not isinstance(value, list):
+            self.fail((key,), f"expected a list of {kind}s (a name, or a mapping of name to options), "
+                              f"got {kind_of(value)}")
+            return []
         for index, raw in enumerate(value):
             path = (key, index)
             if isinstance(raw, str):
@@ -320,7 +345,8 @@ class _Validator:
                 path = path + (name,)
                 options = {} if options is None else options
             else:
-                self.fail(path, f"expected a {kind} name or a one-key mapping {{name: {{options}}}}, got {raw!r}")
+                self.fail(path, f"expected a {kind} name or a one-key mapping {{name: {{options}}}}, "
+                                f"got {short_repr(raw)}")
                 continue
             entry = self.registry.get(kind, str(name))
             if entry is None:
@@ -363,6 +389,16 @@ class _Validator:
         return infos
 
     def describe_model(self, ref: str, path: KeyPath):
+        from .schema import resolve_path, too_long_for_a_path
+
+        candidate = resolve_path(ref, self.source.folder)
+        if candidate is None or too_long_for_a_path(ref):
+            self.fail(path, f"model '{shorten(ref)}' is not a name, a hub id or a path")
+            return None
+        problem = safetensors_problem(candidate)
+        if problem:
+            self.fail(path, problem)
+            return None
         request = ModelRequest(ref, str(self.source.folder), self.spec.allow_pickle, self.spec.model_config,
                                self.spec.model_family)
         for entry in self.registry.entries["model_loader"].values():
@@ -371,15 +407,18 @@ class _Validator:
                 if info is not None:
                     info.loader = entry.name
                     self._family(info, request, path)
-            except (ValueError, OSError) as exc:
+            except ValueError as exc:
                 self.fail(path, str(exc))
+                return None
+            except OSError as exc:  # a name too long for a path, a folder it may not read
+                self.fail(path, f"cannot use model '{shorten(ref)}': {exc.strerror or exc}")
                 return None
             if info is not None:
                 if info.defaults.get("sampler") and self.registry.get("sampler", info.defaults["sampler"]) is None:
                     info.defaults.pop("sampler")
                 return info
         loaders = ", ".join(self.registry.names("model_loader")) or "none installed"
-        self.fail(path, f"model '{ref}' not found: not a registered name, a diffusers folder, a "
+        self.fail(path, f"model '{shorten(ref)}' not found: not a registered name, a diffusers folder, a "
                         f".safetensors file or a hub id (loaders: {loaders})")
         return None
 
@@ -460,8 +499,10 @@ class _Validator:
         frames = {}
         for key, value in anim.keyframes.items():
             path = base + ("keyframes", _yaml_key(key))
-            if not str(key).isdigit():
-                self.fail(path, f"keyframe keys are frame numbers (0, 24, ...), got {key!r}")
+            if not _FRAME.fullmatch(str(key)):
+                self.fail(path, f"keyframe keys are frame numbers (0, 24, ...), got {short_repr(key)}")
+            elif int(key) >= MAX_FRAMES:
+                self.fail(path, f"frame {shorten(key)} is past the limit of {MAX_FRAMES:,} frames")
             else:
                 frames[int(key)] = (value, path)
         if frames and 0 not in frames:
@@ -639,7 +680,7 @@ class _Validator:
             return self._seed_range(raw, path)
         if not isinstance(raw, list) or not raw:
             extra = " or a range {start: N, count: N}" if key == "seed" else ""
-            self.fail(path, f"expected a non-empty list of values{extra}, got {raw!r}")
+            self.fail(path, f"expected a non-empty list of values{extra}, got {short_repr(raw)}")
             return None
         result = []
         for i, value in enumerate(raw):
@@ -658,7 +699,7 @@ class _Validator:
         """A WIDTHxHEIGHT value whose sides obey the width/height rules."""
         match = SIZE_PATTERN.fullmatch(value)
         if not match:
-            self.fail(path, f"expected WIDTHxHEIGHT such as 512x768, got {value!r}")
+            self.fail(path, f"expected WIDTHxHEIGHT such as 512x768, got {short_repr(value)}")
             return False
         ok = True
         for side, number in zip(("width", "height"), match.groups()):
@@ -724,7 +765,7 @@ def _numeric_type(tp) -> type | None:
 
 def _yaml_key(key):
     """Keyframe keys arrive as text; marks were recorded under the YAML's own (int) key."""
-    return int(key) if str(key).isdigit() else key
+    return int(key) if _FRAME.fullmatch(str(key)) else key
 
 
 def _as_plain(parsed: Any, raw: dict) -> dict:

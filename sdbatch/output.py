@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import OutputConflict
+from .errors import OutputConflict, shorten
 
 MANIFEST = "manifest.jsonl"
 RUN_FILES = "run_files.json"  # files made from the whole run (grids, videos): rebuilt on every run
@@ -33,10 +33,12 @@ TEMPLATE_FIELDS = {
 def check_template(template: str, fields: set = TEMPLATE_FIELDS) -> list[str]:
     """Problems with an output path template (unknown fields, escaping the output folder)."""
     problems = []
+    if len(template) > MAX_TEMPLATE_CHARS or re.search(r"[:!][^{}]*\d{4,}", template):
+        return [f"path template {shorten(template)!r} is too long or pads a field to thousands of characters"]
     try:
         names = {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name}
     except ValueError as exc:
-        return [f"bad path template {template!r}: {exc}"]
+        return [f"bad path template {shorten(template)!r}: {exc}"]
     unknown = names - fields
     if unknown:
         from .errors import did_you_mean
@@ -45,15 +47,21 @@ def check_template(template: str, fields: set = TEMPLATE_FIELDS) -> list[str]:
         problems.append(f"unknown field '{{{first}}}' in path template{did_you_mean(first, fields)}; "
                         f"fields: {', '.join(sorted(fields))}")
     if _escapes(template.replace("{", "").replace("}", "")):
-        problems.append(f"path template {template!r} escapes the output folder (absolute or '..')")
+        problems.append(f"path template {shorten(template)!r} escapes the output folder (absolute or '..')")
     if not unknown:
         sample = {name: _SAMPLE_VALUES.get(name, "x") for name in fields}
         try:
-            template.format_map(sample)
-        except (ValueError, KeyError, IndexError, AttributeError) as exc:
-            problems.append(f"bad path template {template!r}: {exc}")
+            rendered = template.format_map(sample)
+        except (ValueError, KeyError, IndexError, AttributeError, OverflowError, MemoryError) as exc:
+            problems.append(f"bad path template {shorten(template)!r}: {shorten(str(exc))}")
+        else:  # a format spec can cut a field away, {id:.0}../x, or pad it with '/'
+            if not problems and _escapes(rendered):
+                problems.append(f"path template {shorten(template)!r} gives {shorten(rendered)!r}, outside the "
+                                "output folder")
     return problems
 
+
+MAX_TEMPLATE_CHARS = 1000
 
 #: Typed stand-ins for template fields, so format specs such as {index:06d} are checked.
 _SAMPLE_VALUES = {"index": 0, "seed": 0, "steps": 20, "width": 512, "height": 512, "frame": 0}
@@ -61,7 +69,41 @@ _SAMPLE_VALUES = {"index": 0, "seed": 0, "steps": 20, "width": 512, "height": 51
 
 def _escapes(relpath: str) -> bool:
     path = Path(relpath)
-    return path.is_absolute() or relpath.startswith(("/", "\\")) or ".." in path.parts
+    return path.is_absolute() or relpath.startswith(("/", "\\")) or ".." in path.parts or "\0" in relpath
+
+
+def check_name(name: str) -> str | None:
+    """Why a job name cannot name files (it fills {job} in output paths); None if it can."""
+    if not name or len(name) > 100 or name in (".", "..") or re.search(r"[/\\\x00-\x1f]", name):
+        return (f"a job name is one file name of at most 100 characters, without '/', '\\' or control "
+                f"characters, got {shorten(repr(name))}")
+    return None
+
+
+def inside(root: Path, target: Path) -> Path:
+    """``target`` if its folder, symbolic links resolved, lies in ``root``; else OutputConflict.
+
+    A link planted in the output folder (shared storage, where datasets live) must not make
+    a file land elsewhere, so the folder is resolved at every write, not only at the start.
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(target.parent)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise OutputConflict(f"{target.parent} leads to {real}, outside the output folder {root} (a symbolic "
+                             "link?); sdbatch writes only inside it: remove the link")
+    return target
+
+
+def open_append(path: Path):
+    """Open a log such as manifest.jsonl for appending, refusing a symbolic link (it would append elsewhere)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise OutputConflict(f"{path} is a symbolic link; sdbatch appends only to its own file there: "
+                                 "remove the link") from None
+        raise
+    return os.fdopen(fd, "ab")
 
 
 def _slug(value) -> str:
@@ -103,7 +145,7 @@ def render_template(template: str, item, ext: str, job_name: str = "job") -> str
     """The relative output path for an item; refuses any result outside the folder."""
     relpath = template.format_map(template_values(item, ext, job_name))
     if _escapes(relpath):
-        raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+        raise OutputConflict(f"output path {shorten(relpath)!r} escapes the output folder")
     return relpath
 
 
@@ -138,9 +180,25 @@ class Entry:
 class OutputDir:
     """An output folder with its manifest; safe to use from one writer thread at a time."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, lock: bool = True):
+        """Open (and create) the folder; ``lock=False`` only reads it (``sdbatch status``).
+
+        A locked folder is this process's alone until close(): a second run stops at once
+        with a message naming the first (see sdbatch.lock). Under the lock, temporary files
+        of killed runs are removed and symbolic links leading out of the folder refused.
+        """
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_key = None
+        if lock:
+            from .lock import acquire
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_key, first = acquire(self.root)
+            try:
+                self._check_links(tidy=first)
+            except BaseException:
+                self.close()
+                raise
         self._lock = threading.Lock()
         # A compact index, so a resumed run of millions of items fits in a driver: per
         # finished item its manifest line's offset and its writers (packed in one int),
@@ -150,7 +208,6 @@ class OutputDir:
         self._owners: dict[int, int] = {}
         self._writer_sets: list[tuple] = []
         self._reader = None
-        self._remove_temporaries()
         self._read_manifest()
         run_files = self.root / RUN_FILES
         self.run_files: set[str] = set(json.loads(run_files.read_text())) if run_files.is_file() else set()
@@ -226,7 +283,7 @@ class OutputDir:
                            "seconds": round(entry.seconds, 4), "extra": entry.extra, "writers": entry.writers},
                           ensure_ascii=False, separators=(",", ":"))
         with self._lock:
-            with open(self.manifest_path, "ab") as handle:
+            with open_append(self.manifest_path) as handle:
                 if self._cut_line:  # a kill cut the last line: end it so ours stays readable
                     handle.write(b"\n")
                     self._cut_line = False
@@ -240,8 +297,10 @@ class OutputDir:
     def write_bytes(self, relpath: str, data: bytes, item_id: str, writer: str) -> FileRecord:
         """Write a file atomically; refuse to replace another item's or a foreign file's content."""
         if _escapes(relpath):
-            raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+            raise OutputConflict(f"output path {shorten(relpath)!r} escapes the output folder")
         target = self.root / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        inside(self.root, target)
         digest = hashlib.sha256(data).hexdigest()
         if target.exists():
             owner = self._owner(relpath)
@@ -265,32 +324,62 @@ class OutputDir:
         A killed run leaves at most a temporary file, never a partial file under the final name.
         """
         if _escapes(relpath):
-            raise OutputConflict(f"output path {relpath!r} escapes the output folder")
+            raise OutputConflict(f"output path {shorten(relpath)!r} escapes the output folder")
         owner = self._owner(relpath)
         if owner is not None:
             raise OutputConflict(f"{relpath} belongs to item {owner}; choose another path")
         target = self.root / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
+        inside(self.root, target)
         temp = target.with_name(f".{target.name}.{os.getpid()}{TEMP_MARK}{target.suffix}")
-        fill(temp)
-        digest = _sha256_file(temp)
+        digest = ""
+
+        def write(path: Path) -> None:
+            nonlocal digest
+            fill(path)
+            digest = _sha256_file(path)
+            self._claim_run_file(relpath, target, digest)
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+
+        _replace_via(temp, target, write)
+        return FileRecord(relpath, digest, writer)
+
+    def _claim_run_file(self, relpath: str, target: Path, digest: str) -> None:
+        """Record ``relpath`` as this job's run file, refusing to replace a foreign file."""
         with self._lock:
             if relpath not in self.run_files:
                 if target.exists() and _sha256_file(target) != digest:
-                    temp.unlink()
                     raise OutputConflict(f"{target} already holds a file not written by this job with different "
                                          "content; refusing to overwrite it")
                 self.run_files.add(relpath)
                 atomic_write(self.root / RUN_FILES, json.dumps(sorted(self.run_files), indent=1).encode())
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        return FileRecord(relpath, digest, writer)
 
-    def _remove_temporaries(self) -> None:
-        for temp in self.root.rglob(f"*{TEMP_MARK}*"):
-            if temp.is_file():
-                temp.unlink()
+    def close(self) -> None:
+        """Release the folder's lock (a killed process releases it too)."""
+        if self._lock_key is not None:
+            from .lock import release
+
+            release(self._lock_key)
+            self._lock_key = None
+
+    def _check_links(self, tidy: bool) -> None:
+        """Refuse to start where a planted symbolic link would redirect what sdbatch writes.
+
+        The same walk removes temporary files of killed runs when ``tidy`` (only the first
+        holder of the lock tidies, so no temporary belongs to a live run).
+        """
+        for name in (MANIFEST, RUN_FILES, "failures.jsonl", "summary.json", "job.yaml"):
+            if (self.root / name).is_symlink():
+                raise OutputConflict(f"{self.root / name} is a symbolic link; sdbatch writes only its own files in "
+                                     "the output folder: remove the link")
+        for folder, names, files in os.walk(self.root):
+            for name in names:
+                if os.path.islink(os.path.join(folder, name)):
+                    inside(self.root, Path(folder) / name / "x")
+            for name in files if tidy else ():
+                if TEMP_MARK in name:
+                    os.unlink(os.path.join(folder, name))
 
 
 def _path_key(relpath: str) -> int:
@@ -299,14 +388,54 @@ def _path_key(relpath: str) -> int:
 
 
 def atomic_write(target: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over the target."""
+    """Write to a temporary name in the same folder, fsync, rename over the target, fsync the folder.
+
+    The temporary name carries this process's pid; it is created afresh (never through a
+    link someone planted there) and removed if anything fails, a full disk included.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_MARK}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, target)
+
+    def write(temp: Path) -> None:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _replace_via(target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_MARK}"), target, write)
+
+
+def _replace_via(temp: Path, target: Path, write) -> None:
+    """``write(temp)``, rename it over ``target``, fsync the folder; whatever fails, no temporary stays."""
+    _clear(temp)
+    try:
+        write(temp)
+        os.replace(temp, target)
+    except BaseException:  # a full disk, a conflict, an interrupt
+        _clear(temp)
+        raise
+    fsync_folder(target.parent)
+
+
+def fsync_folder(folder) -> None:
+    """Make a rename in ``folder`` durable (a power cut after it keeps the new name)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder; the rename itself stands
+        pass
+    finally:
+        os.close(fd)
+
+
+def _clear(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _sha256_file(path: Path) -> str:

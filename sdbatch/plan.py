@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 from .api import Item
+from .errors import shorten
 
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
 MAX_PROMPT_VARIANTS = 100_000
@@ -61,31 +62,110 @@ class PromptError(ValueError):
         self.index = index
 
 
+#: A template's text is parsed by pyparsing at about 2 ms per alternative: bound it before parsing.
+MAX_TEMPLATE_CHARS = 20_000
+MAX_TEMPLATE_ALTERNATIVES = 1000
+_WILDCARD = re.compile(r"__(.*?)__")
+
+
+def check_template_text(template: str) -> None:
+    """Refuse, before any parsing, a template too long to parse quickly or naming a wildcard outside its folder."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise PromptError(f"prompt template of {len(template):,} characters; the limit is {MAX_TEMPLATE_CHARS:,}")
+    if "{" in template and template.count("|") > MAX_TEMPLATE_ALTERNATIVES:
+        raise PromptError(f"prompt template with {template.count('|'):,} alternatives; the limit is "
+                          f"{MAX_TEMPLATE_ALTERNATIVES:,}: put long lists in a wildcard file (__name__)")
+    for name in _WILDCARD.findall(template):
+        parts = name.replace("\\", "/").split("/")
+        if ".." in parts or name.startswith(("/", "~")) or ":" in name or not name.strip("*/"):
+            raise PromptError(f"wildcard '__{shorten(name, 40)}__' names a file outside the wildcards folder; "
+                              "use a name relative to it (colors, styles/art)")
+
+
 def expand_prompts(templates: list[str], wildcards: str | None) -> list[tuple[str, str]]:
-    """Every combination of each dynamicprompts template, as (template, prompt) pairs."""
+    """Every combination of each dynamicprompts template, as (template, prompt) pairs.
+
+    The variants are counted from the parsed template before any is generated, so a
+    template of millions of variants is refused at once.
+    """
     if not any(_has_syntax(t) for t in templates):
         return [(t, t) for t in templates]
-    from dynamicprompts.generators import CombinatorialPromptGenerator
+    from dynamicprompts.enums import SamplingMethod
+    from dynamicprompts.sampling_context import SamplingContext
     from dynamicprompts.wildcards import WildcardManager
 
-    generator = CombinatorialPromptGenerator(WildcardManager(wildcards) if wildcards else WildcardManager(None))
+    context = SamplingContext(default_sampling_method=SamplingMethod.COMBINATORIAL,
+                              wildcard_manager=WildcardManager(wildcards) if wildcards else WildcardManager(None))
     pairs = []
     for index, template in enumerate(templates):
         if not _has_syntax(template):
             pairs.append((template, template))
             continue
         try:
-            prompts = generator.generate(template, max_prompts=MAX_PROMPT_VARIANTS + 1)
-        except Exception as exc:  # pyparsing raises several types for bad syntax
-            raise PromptError(f"bad prompt template {template!r}: {exc}", index) from None
+            check_template_text(template)
+            command = _parse(template)
+        except PromptError as exc:
+            raise PromptError(str(exc), index) from None
+        if (variant_count(command) or 0) > MAX_PROMPT_VARIANTS:
+            raise PromptError(f"template {shorten(template)!r} expands to more than {MAX_PROMPT_VARIANTS:,} prompts",
+                              index)
+        try:
+            prompts = [str(p) for p in context.sample_prompts(command, MAX_PROMPT_VARIANTS + 1)]
+        except Exception as exc:  # noqa: BLE001 - a wildcard file dynamicprompts cannot read
+            raise PromptError(f"bad prompt template {shorten(template)!r}: {shorten(str(exc))}", index) from None
         missing = re.findall(r"__([\w/*-]+)__", " ".join(prompts[:1]))
         if missing:
             where = f" in {wildcards}" if wildcards else " (set 'wildcards:' to a folder of NAME.txt files)"
             raise PromptError(f"wildcard '{missing[0]}' not found{where}", index)
         if len(prompts) > MAX_PROMPT_VARIANTS:
-            raise PromptError(f"template {template!r} expands to more than {MAX_PROMPT_VARIANTS} prompts", index)
+            raise PromptError(f"template {shorten(template)!r} expands to more than {MAX_PROMPT_VARIANTS:,} prompts",
+                              index)
         pairs.extend((template, p) for p in prompts)
     return pairs
+
+
+def _parse(template: str):
+    """The dynamicprompts command tree of a template (its log is quiet: sdbatch reports problems itself)."""
+    import logging
+
+    from dynamicprompts.parser.parse import parse
+
+    logging.getLogger("dynamicprompts").addHandler(logging.NullHandler())
+    try:
+        return parse(template)
+    except Exception as exc:  # noqa: BLE001 - pyparsing raises several types
+        raise PromptError(f"bad prompt template {shorten(template)!r}: {shorten(str(exc))}") from None
+
+
+def variant_count(command) -> int | None:
+    """How many prompts a parsed template gives at most (capped just past the limit); None if unknown."""
+    from dynamicprompts.commands import LiteralCommand, SequenceCommand, VariantCommand
+
+    cap = MAX_PROMPT_VARIANTS + 1
+    if isinstance(command, LiteralCommand):
+        return 1
+    if isinstance(command, SequenceCommand):
+        total = 1
+        for token in command.tokens:
+            count = variant_count(token)
+            if count is None:
+                return None
+            total = min(cap, total * count)
+        return total
+    if isinstance(command, VariantCommand):
+        counts = [variant_count(option.value) for option in command.variants]
+        if None in counts:
+            return None
+        options = min(cap, sum(counts))
+        low, high = min(command.min_bound, len(counts)), min(command.max_bound, len(counts))
+        total = 0
+        for picks in range(low, high + 1):  # ordered picks bound the combinations dynamicprompts makes
+            ways = 1
+            for taken in range(picks):
+                ways = min(cap, ways * max(0, options - taken))
+            total = min(cap, total + ways)
+        return total
+    return None  # wildcards and variables: generated with a cap instead
 
 
 class PromptSampler:
@@ -115,12 +195,8 @@ class PromptSampler:
 
     def _parse(self, template: str):
         if template not in self._parsed:
-            from dynamicprompts.parser.parse import parse
-
-            try:
-                self._parsed[template] = parse(template)
-            except Exception as exc:  # pyparsing raises several types
-                raise PromptError(f"bad prompt template {template!r}: {exc}") from None
+            check_template_text(template)
+            self._parsed[template] = _parse(template)
         return self._parsed[template]
 
     def _wildcards(self):
@@ -166,6 +242,11 @@ class Plan:
         self._count = math.prod(self._lengths)
 
     def __len__(self) -> int:
+        return self._count
+
+    @property
+    def size(self) -> int:
+        """The item count as an exact int (len() stops at 2**63)."""
         return self._count
 
     count = __len__

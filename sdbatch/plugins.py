@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, SdbatchError, did_you_mean
+from .errors import DiskFull, PluginError, SdbatchError, did_you_mean
 
 ENTRY_POINT_GROUP = "sdbatch"
 
@@ -94,6 +94,9 @@ def plugin_errors(entry: Entry, fatal: bool = False):
     except (SdbatchError, PluginCallError, BatchSplit):
         raise
     except Exception as exc:
+        full = DiskFull.wrap(exc, "the output folder")
+        if full:  # not the plugin's fault, and no other item can succeed: stop the run
+            raise full from exc
         message = f"{describe_entry(entry)} failed: {type(exc).__name__}: {exc}"
         raise (PluginError if fatal else PluginCallError)(message) from exc
 

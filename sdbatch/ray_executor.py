@@ -10,8 +10,12 @@ retries the batch they held, so a killed worker costs time, not items.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 
+from .output import atomic_write
 from .run import LocalExecutor, _record_failures
 
 IN_FLIGHT_PER_WORKER = 2
@@ -79,14 +83,20 @@ class RayExecutor(LocalExecutor):
         super().__init__(job, registry, out_dir, **kwargs)
         self.workers, self.address, self.gpus_per_worker = workers, address, gpus_per_worker
         self.actors: list = []
+        self._started: str | None = None  # the session name of a local cluster this run started
 
     def _start(self):
         import ray
         from ray.util import ActorPool
 
         if not ray.is_initialized():
+            if self.address is None:  # a local cluster of our own: tidy what a killed run left, note ours
+                reap_sessions(self.context.out.root)
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True)
+            self._started = _session_name() if self.address is None else None
+            if self._started:
+                _note_session(self.context.out.root, self._started)
         resources = ray.cluster_resources()
         gpus = self.gpus_per_worker if self.gpus_per_worker is not None else (1 if resources.get("GPU") else 0)
         workers = self.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus else
@@ -105,6 +115,12 @@ class RayExecutor(LocalExecutor):
     def _render_batches(self, batches, sink, summary) -> None:
         """Stream batches through the actor pool, at most a few per worker in flight."""
         pool = self._start()
+        try:
+            self._stream(pool, batches, sink, summary)
+        finally:
+            self.shutdown()
+
+    def _stream(self, pool, batches, sink, summary) -> None:
         limit = IN_FLIGHT_PER_WORKER * len(self.actors)
         in_flight = 0
         for batch in batches:
@@ -129,8 +145,82 @@ class RayExecutor(LocalExecutor):
             sink.put(results)
 
     def shutdown(self) -> None:
+        """Stop the actors, and the local cluster if this run started it (its agents too)."""
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        if self._started:
+            ray.shutdown()
+            _note_session(self.context.out.root, self._started, remove=True)
+            self._started = None
+
+
+# -- clusters a killed driver left behind ------------------------------------------------
+# A driver killed with SIGKILL takes its raylet and GCS down (Ray's reaper), but the
+# per-node agents (ray::DashboardAgent, ray::RuntimeEnvAgent) outlive it. Each run notes
+# the session of the local cluster it starts in the output folder; the next run there
+# ends what is left of a noted session whose raylet and GCS are gone, and nothing else.
+SESSIONS = ".sdbatch-ray-sessions"
+
+
+def _session_name() -> str | None:
+    try:
+        from ray._private import worker
+
+        return worker._global_node.session_name
+    except (ImportError, AttributeError):
+        return None
+
+
+def _note_session(root: Path, name: str, remove: bool = False) -> None:
+    path = root / SESSIONS
+    names = set(path.read_text().split()) if path.is_file() else set()
+    names = names - {name} if remove else names | {name}
+    if names:
+        atomic_write(path, "\n".join(sorted(names)).encode())
+    elif path.exists():
+        path.unlink()
+
+
+def reap_sessions(root: Path) -> list[int]:
+    """Kill the leftover processes of noted sessions whose cluster is gone; the pids killed."""
+    path = root / SESSIONS
+    if not path.is_file() or not os.path.isdir("/proc"):
+        return []
+    killed, alive = [], set()
+    for name in path.read_text().split():
+        processes = _processes_of(name)
+        if any(b"raylet" in cmd or b"gcs_server" in cmd for cmd in processes.values()):
+            alive.add(name)  # a cluster still running: not ours to end
+            continue
+        for pid in processes:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    if alive:
+        atomic_write(path, "\n".join(sorted(alive)).encode())
+    else:
+        path.unlink()
+    return killed
+
+
+def _processes_of(session: str) -> dict[int, bytes]:
+    """pid -> command line of this user's processes whose command line names ``session``."""
+    found, needle = {}, session.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        if needle in cmdline:
+            found[int(entry)] = cmdline
+    return found

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api import Writer
-from .errors import SdbatchError
-from .output import Entry, OutputDir, atomic_write
+from .errors import DiskFull, SdbatchError
+from .output import Entry, OutputDir, atomic_write, open_append
 from .plugins import PluginCallError, plugin_errors
 from .progress import Progress
 
@@ -55,11 +55,11 @@ def make_writers(job, context: RunContext) -> list:
     return [cls(options, context) for cls, options, _use in job.writers]
 
 
-def run_context(job, out_dir) -> RunContext:
+def run_context(job, out_dir, lock: bool = True) -> RunContext:
     from .metadata import versions
 
     name = job.spec.name or Path(job.filename).stem
-    return RunContext(job, OutputDir(out_dir), versions(), name)
+    return RunContext(job, OutputDir(out_dir, lock=lock), versions(), name)
 
 
 class LocalExecutor:
@@ -82,6 +82,14 @@ class LocalExecutor:
         self.model_loads = 0
 
     def run(self) -> Summary:
+        try:
+            return self._run()
+        except OSError as exc:
+            raise DiskFull.wrap(exc, self.context.out.root) or exc
+        finally:
+            self.context.out.close()  # releases the folder's lock for the next run
+
+    def _run(self) -> Summary:
         job, out = self.job, self.context.out
         started = time.monotonic()
         total = len(job.plan) if self.limit is None else min(self.limit, len(job.plan))
@@ -135,6 +143,9 @@ class LocalExecutor:
         except (KeyboardInterrupt, SdbatchError):
             raise
         except Exception as exc:  # one bad item must not stop a long run
+            full = DiskFull.wrap(exc, self.context.out.root)
+            if full:  # no item can succeed: stop, resumable
+                raise full from exc
             if len(batch) > 1:
                 # Pixels never depend on batch composition, so render the items alone to find the bad ones.
                 for item in batch:
@@ -218,10 +229,13 @@ def _record_failures(root: Path, batch, exc: Exception) -> None:
 
     message = f"{type(exc).__name__}: {exc}"
     print(f"sdbatch: {len(batch)} item(s) failed: {message}", file=sys.stderr)
-    with open(root / FAILURES, "a", encoding="utf-8") as handle:
-        for item in batch:
-            handle.write(json.dumps({"id": item.id, "index": item.index, "error": message,
-                                     "traceback": traceback.format_exc(limit=5)}) + "\n")
+    lines = "".join(json.dumps({"id": item.id, "index": item.index, "error": message,
+                                "traceback": traceback.format_exc(limit=5)}) + "\n" for item in batch)
+    try:
+        with open_append(root / FAILURES) as handle:
+            handle.write(lines.encode("utf-8"))
+    except OSError as error:
+        raise DiskFull.wrap(error, root) or error
 
 
 class _WriterThread:
@@ -293,7 +307,7 @@ def run_status(out_dir, registry) -> dict:
     from .job import load_job
 
     job = load_job(job_file, registry)
-    context = run_context(job, out_dir)
+    context = run_context(job, out_dir, lock=False)  # only reads: a live run's files stay untouched
     finished = _finished_check(make_writers(job, context), context.out)
     done_ids = {item.id for item in job.plan if finished(item)}  # one pass over the plan
     failures = out_dir / FAILURES

@@ -11,9 +11,13 @@ functions below and those three names are allowed: no Python ``eval``.
 from __future__ import annotations
 
 import ast
+import bisect
 import math
+import re
 import operator
 from dataclasses import dataclass
+
+from .errors import short_repr, shorten
 
 FUNCTIONS = {
     "sin": math.sin, "cos": math.cos, "tan": math.tan, "asin": math.asin, "acos": math.acos,
@@ -34,6 +38,12 @@ _COMPARE = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne,
 }
 MAX_EXPONENT = 1000  # 9**9**9 would otherwise hang the planner
+# Bounds on what a job file can make validation do (numbers are floats, so no operation is slow):
+MAX_SCHEDULE_CHARS = 1_000_000
+MAX_EXPRESSION_CHARS = 1000
+MAX_KEYFRAMES = 10_000
+MAX_EVALUATIONS = 2_000_000  # expression nodes x frames evaluated, per schedule (about a second)
+_FRAME = re.compile(r"[0-9]{1,9}")  # ASCII digits: int() would also read '٣' or '０'
 
 
 class ScheduleError(ValueError):
@@ -45,12 +55,17 @@ class Expression:
 
     def __init__(self, text: str):
         self.text = text.strip()
+        if len(self.text) > MAX_EXPRESSION_CHARS:
+            raise ScheduleError(f"expression of {len(self.text):,} characters; the limit is {MAX_EXPRESSION_CHARS:,}")
         try:
             tree = ast.parse(self.text, mode="eval")
         except SyntaxError as exc:
-            raise ScheduleError(f"bad expression {self.text!r}: {exc.msg}") from None
+            raise ScheduleError(f"bad expression {shorten(self.text)!r}: {exc.msg}") from None
+        except (ValueError, RecursionError, MemoryError):  # a NUL; nesting the parser refuses
+            raise ScheduleError(f"bad expression {shorten(self.text)!r}") from None
         self._check(tree.body)
         self.tree = tree.body
+        self.size = sum(1 for _ in ast.walk(tree))
         self.constant = not any(isinstance(n, ast.Name) and n.id in VARIABLES for n in ast.walk(tree))
 
     def _check(self, node) -> None:
@@ -60,8 +75,11 @@ class Expression:
             if not isinstance(child, allowed):
                 raise ScheduleError(f"{type(child).__name__} is not allowed in {self.text!r}: use arithmetic, "
                                     f"{', '.join(VARIABLES)} and functions {', '.join(FUNCTIONS)}")
-            if isinstance(child, ast.Constant) and not isinstance(child.value, (int, float)):
-                raise ScheduleError(f"only numbers are allowed in {self.text!r}, got {child.value!r}")
+            if isinstance(child, ast.Constant) and (isinstance(child.value, bool)
+                                                    or not isinstance(child.value, (int, float))):
+                raise ScheduleError(f"only numbers are allowed in {self.text!r}, got {short_repr(child.value)}")
+            if isinstance(child, ast.Constant) and isinstance(child.value, int) and child.value.bit_length() > 1000:
+                raise ScheduleError(f"number too large in {shorten(self.text)!r}")
             if isinstance(child, ast.Name) and child.id not in FUNCTIONS and child.id not in CONSTANTS \
                     and child.id not in VARIABLES:
                 raise ScheduleError(f"unknown name '{child.id}' in {self.text!r}; names: "
@@ -81,10 +99,12 @@ class Expression:
 
 
 def _evaluate(node, scope: dict):
+    # Numbers are floats throughout (as in Deforum's numexpr): a power of a power of a huge
+    # integer would otherwise compute for hours; a float overflows at once.
     if isinstance(node, ast.Constant):
-        return node.value
+        return float(node.value)
     if isinstance(node, ast.Name):
-        return scope[node.id]
+        return float(scope[node.id])
     if isinstance(node, ast.UnaryOp):
         return _UNARY[type(node.op)](_evaluate(node.operand, scope))
     if isinstance(node, ast.BinOp):
@@ -101,7 +121,8 @@ def _evaluate(node, scope: dict):
             left = right
         return True
     if isinstance(node, ast.Call):
-        return FUNCTIONS[node.func.id](*(_evaluate(arg, scope) for arg in node.args))
+        value = FUNCTIONS[node.func.id](*(_evaluate(arg, scope) for arg in node.args))
+        return value if isinstance(value, (bool, float)) else float(value)  # floor() and round() give ints
     raise ValueError(f"unsupported {type(node).__name__}")
 
 
@@ -115,11 +136,19 @@ class Schedule:
     def parse(cls, text) -> "Schedule":
         """Parse Deforum's ``frame:(expression), ...``; a bare number is a constant schedule."""
         if isinstance(text, (int, float)) and not isinstance(text, bool):
+            if not math.isfinite(text) or abs(text) > 1e300:
+                raise ScheduleError(f"expected a finite number, got {short_repr(text)}")
             return cls({0: Expression(repr(float(text)))})
+        text = str(text)
+        if len(text) > MAX_SCHEDULE_CHARS:
+            raise ScheduleError(f"schedule of {len(text):,} characters; the limit is {MAX_SCHEDULE_CHARS:,}")
         keyframes = {}
-        for frame_text, expression in _split(str(text)):
-            if not frame_text.strip().isdigit():
-                raise ScheduleError(f"keyframe {frame_text.strip()!r} is not a frame number")
+        pairs = _split(text)
+        if len(pairs) > MAX_KEYFRAMES:
+            raise ScheduleError(f"{len(pairs):,} keyframes; a schedule may have at most {MAX_KEYFRAMES:,}")
+        for frame_text, expression in pairs:
+            if not _FRAME.fullmatch(frame_text.strip()):
+                raise ScheduleError(f"keyframe {shorten(frame_text.strip())!r} is not a frame number")
             frame = int(frame_text)
             if frame in keyframes:
                 raise ScheduleError(f"frame {frame} appears twice")
@@ -130,6 +159,7 @@ class Schedule:
 
     def values(self, frames: int, seed: int = 0) -> list[float]:
         """The value at every frame 0..frames-1."""
+        self._check_cost(frames)
         max_f = frames - 1
         series: list[float | None] = [None] * frames
         current = None
@@ -143,34 +173,56 @@ class Schedule:
         return _fill_linear(series)
 
 
+    def _check_cost(self, frames: int) -> None:
+        """Refuse a schedule whose expressions would take long to evaluate over ``frames`` frames."""
+        starts = sorted(self.keyframes)
+        cost = 0
+        for position, frame in enumerate(starts):
+            expression = self.keyframes[frame]
+            end = starts[position + 1] if position + 1 < len(starts) else frames
+            span = 1 if expression.constant else max(0, min(end, frames) - frame)
+            cost += expression.size * span
+        if cost > MAX_EVALUATIONS:
+            raise ScheduleError(f"evaluating it over {frames:,} frames takes {cost:,} steps; the limit is "
+                                f"{MAX_EVALUATIONS:,}: use shorter expressions or plain numbers between keyframes")
+
+
 def _split(text: str) -> list[tuple[str, str]]:
-    """``0:(a), 10:(b)`` -> [("0", "a"), ("10", "b")], honouring nested parentheses."""
+    """``0:(a), 10:(b)`` -> [("0", "a"), ("10", "b")], honouring nested parentheses (one pass)."""
     pairs, i, n = [], 0, len(text)
-    while i < n:
+    while True:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n:
+            return pairs
         colon = text.find(":", i)
         if colon < 0:
-            if text[i:].strip(" ,"):
-                raise ScheduleError(f"expected 'frame:(value)' at {text[i:].strip()!r}")
-            break
-        frame = text[i:colon].strip(" ,")
-        start = text.find("(", colon)
-        if start < 0 or text[colon + 1:start].strip():
+            raise ScheduleError(f"expected 'frame:(value)' at {shorten(text[i:].strip())!r}")
+        frame = shorten(text[i:colon].strip())
+        start = colon + 1
+        while start < n and text[start] in " \t":
+            start += 1
+        if start >= n or text[start] != "(":
             raise ScheduleError(f"expected '(' after '{frame}:'")
         depth, j = 0, start
         while j < n:
-            depth += {"(": 1, ")": -1}.get(text[j], 0)
-            if depth == 0:
-                break
+            char = text[j]
+            if char == "(":
+                depth += 1
+            elif char == ")":
+                depth -= 1
+                if depth == 0:
+                    break
             j += 1
         if depth:
             raise ScheduleError(f"unbalanced parentheses after '{frame}:'")
-        pairs.append((frame, text[start + 1:j]))
+        pairs.append((text[i:colon], text[start + 1:j]))
         i = j + 1
-        rest = text[i:].lstrip()
-        if rest and not rest.startswith(","):
-            raise ScheduleError(f"expected ',' before {rest[:20]!r}")
-        i = n - len(rest) + (1 if rest.startswith(",") else 0)
-    return pairs
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        if i < n and text[i] != ",":
+            raise ScheduleError(f"expected ',' before {text[i:i + 20]!r}")
+        i += 1
 
 
 def _fill_linear(series: list) -> list[float]:
@@ -180,8 +232,9 @@ def _fill_linear(series: list) -> list[float]:
     for i in range(len(series)):
         if result[i] is not None:
             continue
-        before = max((k for k in known if k < i), default=None)
-        after = min((k for k in known if k > i), default=None)
+        position = bisect.bisect_left(known, i)  # known[position] is the first value after i
+        before = known[position - 1] if position else None
+        after = known[position] if position < len(known) else None
         if before is None:
             result[i] = series[after]
         elif after is None:

@@ -2,20 +2,23 @@
 
 The job schema and every plugin's options are plain dataclasses. Field metadata adds
 what types cannot say: ``min``/``max`` bounds, ``multiple_of``, ``file``/``folder``/``image``
-(the path must exist, relative to the job file; ``image`` takes a file or a folder of images),
-``model_ref`` (a name, hub id or path; an existing path is made absolute) and ``help``
+(the path must exist, relative to the job file; ``image`` takes a file or a folder of images;
+``format`` = image, audio or safetensors checks a file's first bytes),
+``model_ref`` (a name, hub id or path; an existing path is made absolute), ``min_items``/
+``max_items`` (list lengths; ``items`` holds the metadata of each entry) and ``help``
 (shown in errors).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .errors import KeyPath, Problem, did_you_mean
+from .errors import KeyPath, Problem, did_you_mean, short_repr, shorten
 from .yamlsource import Source
 
 _MISSING = dataclasses.MISSING
@@ -48,7 +51,8 @@ class Checker:
             choices = typing.get_args(tp)
             if value not in choices:
                 shown = ", ".join(repr(c) for c in choices)
-                raise self.fail(path, f"expected one of {shown}, got {value!r}{did_you_mean(value, map(str, choices))}")
+                raise self.fail(path, f"expected one of {shown}, got {short_repr(value)}"
+                                      f"{did_you_mean(value, map(str, choices))}")
             return value
         if origin in (list, tuple) or tp in (list, tuple):
             return self._list(value, tp, path, meta)
@@ -63,7 +67,7 @@ class Checker:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping of {_describe(cls)}, got {_kind(value)}")
+            raise self.fail(path, f"expected a mapping of {_describe(cls)}, got {kind_of(value)}")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         kwargs, broken = {}, False
@@ -99,13 +103,14 @@ class Checker:
             except Invalid:
                 continue
             return result
-        raise self.fail(path, f"expected {' or '.join(_describe(a) for a in non_null)}, got {_kind(value)} {value!r}")
+        raise self.fail(path, f"expected {' or '.join(_describe(a) for a in non_null)}, got {kind_of(value)} "
+                              f"{short_repr(value)}")
 
     def _list(self, value, tp, path, meta):
         args = typing.get_args(tp)
         item_type = args[0] if args else Any
         if not isinstance(value, list):
-            raise self.fail(path, f"expected a list, got {_kind(value)}")
+            raise self.fail(path, f"expected a list, got {kind_of(value)}")
         result, broken = [], False
         for i, item in enumerate(value):
             try:
@@ -114,6 +119,8 @@ class Checker:
                 broken = True
         if "min_items" in meta and len(result) < meta["min_items"]:
             raise self.fail(path, f"expected at least {meta['min_items']} entries, got {len(value)}")
+        if "max_items" in meta and len(result) > meta["max_items"]:
+            raise self.fail(path, f"expected at most {meta['max_items']} entries, got {len(value)}")
         if broken:
             raise Invalid(str(path))
         return result
@@ -122,7 +129,7 @@ class Checker:
         args = typing.get_args(tp)
         value_type = args[1] if len(args) == 2 else Any
         if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {_kind(value)}")
+            raise self.fail(path, f"expected a mapping, got {kind_of(value)}")
         result, broken = {}, False
         for key, item in value.items():
             try:
@@ -135,43 +142,83 @@ class Checker:
 
     def _scalar(self, value, tp, path, meta):
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            value = float(value) if abs(value) < 2 ** 1000 else math.inf
         if tp is Path:
             tp = str
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise self.fail(path, f"expected {_describe(tp)}, got {_kind(value)} {value!r}" + _help(meta))
+            raise self.fail(path, f"expected {_describe(tp)}, got {kind_of(value)} {short_repr(value)}" + _help(meta))
+        if tp is float and not math.isfinite(value):
+            raise self.fail(path, f"expected a finite number, got {short_repr(value)}")
         if "min" in meta and value < meta["min"]:
-            raise self.fail(path, f"must be at least {meta['min']}, got {value}")
+            raise self.fail(path, f"must be at least {meta['min']}, got {short_repr(value)}")
         if "max" in meta and value > meta["max"]:
-            raise self.fail(path, f"must be at most {meta['max']}, got {value}")
+            raise self.fail(path, f"must be at most {meta['max']}, got {short_repr(value)}")
         if "multiple_of" in meta and value % meta["multiple_of"]:
             raise self.fail(path, f"must be a multiple of {meta['multiple_of']}, got {value}")
         if meta.get("model_ref"):  # a name, hub id or path: paths are relative to the job file
-            candidate = Path(value).expanduser()
-            candidate = candidate if candidate.is_absolute() else self.source.folder / candidate
-            return str(candidate) if candidate.exists() else value
+            return self._model_ref(value, path)
         if meta.get("file") or meta.get("folder") or meta.get("image"):
             kind = "image" if meta.get("image") else "folder" if meta.get("folder") else "file"
-            return self._existing_path(value, path, kind)
+            return self._existing_path(value, path, kind, meta.get("format", "image" if kind == "image" else None))
         return value
 
-    def _existing_path(self, value: str, path: KeyPath, kind: str) -> str:
-        """The path resolved against the job's folder; a file, a folder, or (image) either."""
-        resolved = Path(value).expanduser()
-        if not resolved.is_absolute():
-            resolved = self.source.folder / resolved
-        ok = {"file": resolved.is_file, "folder": resolved.is_dir, "image": resolved.exists}[kind]()
-        if not ok:
-            what = "image file or folder" if kind == "image" else kind
-            raise self.fail(path, f"{what} not found: {value} (looked for {resolved})")
+    def _model_ref(self, value: str, path: KeyPath) -> str:
+        """An existing path made absolute (a .safetensors file's header checked); else the name as given."""
+        from .inputs import safetensors_problem
+
+        if too_long_for_a_path(value):  # plugins would stat it and get ENAMETOOLONG
+            raise self.fail(path, f"not a name, a hub id or a path: {shorten(value)}")
+        candidate = resolve_path(value, self.source.folder)
+        try:
+            exists = candidate is not None and candidate.exists()
+        except OSError:
+            exists = False
+        if not exists:
+            return value
+        problem = safetensors_problem(candidate)
+        if problem:
+            raise self.fail(path, problem)
+        return str(candidate)
+
+    def _existing_path(self, value: str, path: KeyPath, kind: str, fmt: str | None = None) -> str:
+        """The path resolved against the job's folder; a file, a folder, or (image) either.
+
+        Files must be regular files of bounded size: a device (/dev/zero), a FIFO or a socket
+        would hang the run, so it is refused here.
+        """
+        from .inputs import format_problem, input_problem
+
+        resolved = resolve_path(value, self.source.folder)
+        problem = input_problem(resolved, kind) if resolved is not None else "not a usable path"
+        if not problem and fmt and resolved.is_file():
+            problem = format_problem(resolved, fmt)
+        if problem:
+            raise self.fail(path, f"{problem}: {shorten(value)}" + (
+                f" (looked for {shorten(str(resolved))})" if resolved is not None and str(resolved) != value else ""))
         return str(resolved)
+
+
+def too_long_for_a_path(value: str) -> bool:
+    """Longer than any file system takes: 4096 bytes in all or 255 in one part (and so no hub id)."""
+    return len(value.encode()) > 4096 or any(len(part.encode()) > 255 for part in value.split("/"))
+
+
+def resolve_path(value: str, folder: Path) -> Path | None:
+    """``value`` as a path relative to ``folder``; None when no path can be made of it (a NUL, a bad ~user)."""
+    if not value or "\0" in value:
+        return None
+    try:
+        resolved = Path(value).expanduser()
+    except RuntimeError:  # ~nobody-such
+        return None
+    return resolved if resolved.is_absolute() else folder / resolved
 
 
 def _help(meta) -> str:
     return f" ({meta['help']})" if meta and meta.get("help") else ""
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     if value is None:
         return "nothing (null)"
     return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "an integer", float: "a number"}.get(
