@@ -34,6 +34,7 @@ class KeyframeSpec:
     seed: int | None = field(default=None, metadata=_m(min=0, max=MAX_SEED))
     image: str | None = field(default=None, metadata=_m(file=True, help="an image to start from (DDIM-inverted)"))
     easing: str | None = field(default=None, metadata=_m(help="easing of the segment that starts here"))
+    hold: int = field(default=0, metadata=_m(min=0, max=100000, help="frames after this one that show it unchanged"))
 
 
 @dataclass
@@ -41,6 +42,8 @@ class InterpolateSpec:
     embeddings: Literal["slerp", "lerp"] = "slerp"
     noise: Literal["slerp", "lerp"] = "slerp"
     easing: str = field(default="linear", metadata=_m(help="linear, ease-in, ease-out, ease-in-out, cosine, cubic-bezier(x1, y1, x2, y2)"))
+    timing: Literal["even", "uniform"] = field(default="even", metadata=_m(
+        help="even: frames change the picture equally (measured at the start of run); uniform: even steps in t"))
 
 
 @dataclass
@@ -51,6 +54,7 @@ class AnimationSpec:
     fps: float = field(default=12.0, metadata=_m(min=0.1, max=240.0))
     interpolate: InterpolateSpec = field(default_factory=InterpolateSpec)
     schedules: dict[str, Any] = field(default_factory=dict)
+    loop: bool = field(default=False, metadata=_m(help="interpolate back to the first keyframe so the video loops"))
 
 
 @dataclass
@@ -386,8 +390,16 @@ class _Validator:
             negative = kf.negative_prompt if kf.negative_prompt is not None else negative
             seed = kf.seed if kf.seed is not None else seed
             sha = file_sha256(kf.image) if kf.image else None
-            keyframes.append(Keyframe(frame, prompt, negative, seed, kf.image, sha, kf.easing))
-        count = keyframes[-1].frame + 1
+            keyframes.append(Keyframe(frame, prompt, negative, seed, kf.image, sha, kf.easing, kf.hold))
+        for a, b in zip(keyframes, keyframes[1:]):
+            if a.frame + a.hold >= b.frame:
+                self.fail(frames[a.frame][1] + ("hold",), f"holds to frame {a.frame + a.hold}, but the next "
+                                                          f"keyframe is at frame {b.frame}")
+        if anim.loop and len(keyframes) < 2:
+            self.fail(base + ("loop",), "a loop needs at least two keyframes to move between")
+        timeline = Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
+                            anim.interpolate.easing, timing=anim.interpolate.timing, loop=anim.loop)
+        count = timeline.frames
         targets = self._axis_targets(uses)
         schedules = {}
         for name, text in anim.schedules.items():
@@ -414,8 +426,8 @@ class _Validator:
                     self.fail(path, f"gives {value:g} at frame {frame}, outside {meta.get('min')}..{meta.get('max')}")
                     break
             schedules[name] = values
-        return Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
-                        anim.interpolate.easing, schedules)
+        timeline.schedules = schedules
+        return timeline
 
     # -- editing -------------------------------------------------------------------------
     def _edit(self, spec: JobSpec):

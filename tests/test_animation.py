@@ -248,3 +248,119 @@ def test_video_with_an_audio_track(write_job, tiny_model, tmp_path):
     probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i",
                             str(tmp_path / "out" / "videos" / "job.mp4")], capture_output=True, text=True)
     assert "Video: h264" in probe.stderr and "Audio: aac" in probe.stderr
+
+
+# ---------------------------------------------------------------- even timing, holds, loops
+def _timeline(**options):
+    from sdbatch.animation import Keyframe, Timeline
+
+    keyframes = [Keyframe(0, "a red circle", "", 1, hold=options.pop("hold", 0)), Keyframe(8, "a blue square", "", 2)]
+    return Timeline(keyframes, **options)
+
+
+def test_position_for_inverts_the_cumulative_change():
+    from sdbatch.animation import position_for
+
+    curve = {"t": [0.0, 0.5, 0.75, 1.0], "change": [0.0, 0.1, 0.9, 1.0]}  # most change between t 0.5 and 0.75
+    assert position_for(curve, 0.05) == pytest.approx(0.25)
+    assert position_for(curve, 0.5) == pytest.approx(0.625)
+    assert position_for(curve, 0.95) == pytest.approx(0.875)
+    assert position_for(curve, 0.0) == 0.0 and position_for(curve, 1.0) == 1.0
+    flat = {"t": [0.0, 0.5, 1.0], "change": [0.0, 0.0, 1.0]}  # nothing changes before t 0.5
+    assert position_for(flat, 0.5) == pytest.approx(0.75)
+
+
+def test_even_frames_are_provisional_until_a_curve_is_loaded_then_follow_it():
+    timeline = _timeline(timing="even", easing="ease-in-out")
+    provisional = timeline.frame(2, lambda segment: "key")["animation"]
+    assert provisional["timing"] == "provisional" and provisional["t"] == pytest.approx(easing("ease-in-out")(0.25))
+    timeline.curves = {"key": {"t": [0.0, 0.5, 0.75, 1.0], "change": [0.0, 0.1, 0.9, 1.0]}}
+    for f in range(1, 8):
+        animation = timeline.frame(f, lambda segment: "key")["animation"]
+        from sdbatch.animation import position_for
+
+        # easing applies on top: frame f sits where ease(f/8) of the change has happened
+        assert animation["timing"] == "even"
+        assert animation["t"] == position_for(timeline.curves["key"], easing("ease-in-out")(f / 8))
+    assert "timing" not in timeline.frame(0, lambda segment: "key")["animation"]  # keyframes stay stills
+    assert "timing" not in _timeline().frame(3)["animation"]  # uniform: the item is as it always was
+
+
+def test_holds_and_loops_plan_their_frames():
+    held = _timeline(hold=3)
+    assert held.frames == 9
+    assert [held.frame(f)["animation"]["t"] for f in range(4)] == [0.0] * 4  # frames 0-3 show keyframe 0
+    assert held.frame(4)["animation"]["t"] == pytest.approx(0.2)  # then 5 steps from frame 3 to frame 8
+    looped = _timeline(loop=True)
+    assert looped.frames == 16  # 8 out, 8 back; frame 16 would be frame 0 again
+    back = looped.frame(12)["animation"]
+    assert back["from"]["frame"] == 8 and back["to"]["frame"] == 0 and back["t"] == pytest.approx(0.5)
+    assert looped.frame(12)["fields"]["seed"] == 2
+
+
+def test_hold_and_loop_validation(write_job, tiny_model, registry):
+    path = write_job(f"""
+        model: {tiny_model}
+        animation:
+          loop: true
+          keyframes:
+            0: {{prompt: "a red circle", hold: 4}}
+        outputs: [frames]
+    """)
+    with pytest.raises(JobError, match="a loop needs at least two keyframes"):
+        load_job(path, registry)
+    path = write_job(f"""
+        model: {tiny_model}
+        animation:
+          keyframes:
+            0: {{prompt: "a red circle", hold: 4}}
+            4: {{prompt: "a blue circle"}}
+        outputs: [frames]
+    """)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    assert f"{path}:4:" in str(error.value) and "holds to frame 4, but the next keyframe is at frame 4" in str(error.value)
+
+
+class _Picture:
+    """A fake rendered result: a grey picture whose level is a steep function of t (a snap near t = 0.6)."""
+
+    def __init__(self, t):
+        from PIL import Image
+
+        level = 255 / (1 + np.exp(-(t - 0.6) * 40))
+        self.image = Image.new("RGB", (16, 16), (int(level),) * 3)
+
+
+def test_the_pre_pass_bisects_where_the_picture_changes_and_evens_the_frames(write_job, tiny_model, registry,
+                                                                              tmp_path):
+    from sdbatch.animation import position_for
+    from sdbatch.timing import TIMING_FILE, load_timing, measure_timing
+
+    job = load_job(_animation_job(write_job, tiny_model, extra=""), registry)
+    rendered = []
+
+    def render(batches):
+        rendered.extend(item for batch in batches for item in batch)
+        return [_Picture(item.extra["animation"]["t"]) for batch in batches for item in batch]
+
+    report = measure_timing(job.plan, tmp_path, render, len(job.plan), batch_size=4)
+    assert report["segments_measured"] == 2 and (tmp_path / TIMING_FILE).is_file()
+    assert all(item.steps < job.plan.item_at(1).steps or item.steps == 2 for item in rendered)
+    curve = next(iter(job.plan.timeline.curves.values()))
+    ts = curve["t"]
+    assert len([t for t in ts if 0.5 < t < 0.7]) > len([t for t in ts if t < 0.2])  # probes gather at the snap
+    level = lambda t: 255 / (1 + np.exp(-(t - 0.6) * 40))  # noqa: E731
+    positions = [position_for(curve, u / 4) for u in range(5)]
+    changes = np.diff([level(t) for t in positions])
+    assert changes.max() / changes.min() < 1.5  # each frame changes the picture about as much
+    frames = list(job.plan)
+    assert all(f.extra["animation"].get("timing") in (None, "even") for f in frames)
+
+    again = load_job(_animation_job(write_job, tiny_model, extra=""), registry)
+    count = len(rendered)
+    assert measure_timing(again.plan, tmp_path, render, len(again.plan), 4)["segments_measured"] == 0
+    assert len(rendered) == count and [f.id for f in again.plan] == [f.id for f in frames]  # read, not re-measured
+    fresh = load_job(_animation_job(write_job, tiny_model, extra=""), registry)
+    load_timing(fresh.plan, tmp_path)
+    assert [f.id for f in fresh.plan] == [f.id for f in frames]
