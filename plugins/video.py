@@ -89,22 +89,24 @@ class VideoWriter(Writer):
                 self.context.notes.setdefault("video", {})[key] = f"skipped: {len(frames)} of {timeline.frames} frames"
                 continue
             name = "" if len(groups) == 1 else f"-{index:03d}"
-            written += self._write_video(frames, name, key, timeline.fps)
+            written += self._write_video(frames, name, key, timeline)
         return written
 
-    def _write_video(self, frames, name: str, key: str, fps: float) -> list:
+    def _write_video(self, frames, name: str, key: str, timeline) -> list:
         from PIL import Image
 
         images = []
         for entry in frames:
             with Image.open(self.context.out.root / entry.image_path()) as image:
                 images.append(image.convert("RGB"))
-        fps = self.options.fps or fps
+        fps = self.options.fps or timeline.fps
         relpath = self.options.path.format(job=self.context.job_name, name=name, ext=self.options.format)
         encode = _encode_ffmpeg if self.options.format in ("mp4", "webm") else _encode_pillow
         record = self.context.out.write_run_file_via(relpath, lambda temp: encode(temp, images, fps, self.options),
                                                      self.name)
-        report = smoothness(images, [_segment_ends(entry) for entry in frames])
+        report = smoothness(images + images[:1] if timeline.loop else images,  # a loop's last step returns to 0
+                            [_segment_ends(entry) for entry in frames])
+        report["loop"] = timeline.loop
         report.update(frames=len(images), fps=fps, video=relpath, axes=json.loads(key))
         sidecar = relpath.rsplit(".", 1)[0] + ".smoothness.json"
         self.context.out.write_run_file(sidecar, json.dumps(report, indent=2).encode(), self.name)
@@ -168,7 +170,7 @@ def smoothness(images, ends=None) -> dict:
         return {"mean": 0.0, "median": 0.0, "max": 0.0, "max_over_median": 0.0, "jumps": [], "detours": []}
     median = float(np.median([step for step in steps if step > 0] or steps))  # holds do not move
     jumps = [i + 1 for i, step in enumerate(steps) if median > 0 and step > JUMP * median]
-    off_path = [0.0] * len(arrays)
+    off_path = [0.0] * len(ends or arrays)
     for frame, pair in enumerate(ends or []):
         if pair is not None and max(pair) < len(arrays):
             a, b = arrays[pair[0]], arrays[pair[1]]

@@ -190,6 +190,14 @@ def test_video_decodes_and_a_killed_animation_resumes_to_the_same_frames(write_j
     assert result.returncode == 0, result.stderr
     assert _frames(killed) == _frames(clean)
     assert (killed / "videos" / "job.mp4").is_file()
+    # even timing (the default): the pre-pass ran once per folder, and the frames sit where it says
+    timing = json.loads((clean / "timing.json").read_text())
+    assert timing == json.loads((killed / "timing.json").read_text()) and len(timing["segments"]) == 2
+    manifest = [json.loads(line)["item"]["extra"]["animation"] for line in (clean / "manifest.jsonl").open()]
+    assert {a.get("timing") for a in manifest} == {None, "even"}
+    result = _run(job, tmp_path / "single", "--batch-size", "1")
+    assert result.returncode == 0, result.stderr
+    assert _frames(tmp_path / "single") == _frames(clean)  # probes and frames never depend on the batch
 
 
 # ---------------------------------------------------------------- image keyframes and audio
@@ -334,10 +342,16 @@ class _Picture:
 
 def test_the_pre_pass_bisects_where_the_picture_changes_and_evens_the_frames(write_job, tiny_model, registry,
                                                                               tmp_path):
-    from sdbatch.animation import position_for
     from sdbatch.timing import TIMING_FILE, load_timing, measure_timing
 
-    job = load_job(_animation_job(write_job, tiny_model, extra=""), registry)
+    path = write_job(f"""
+        model: {tiny_model}
+        steps: 3
+        animation:
+          keyframes: {{0: {{prompt: "a red circle", seed: 1}}, 40: {{prompt: "a blue square", seed: 2}}}}
+        outputs: [frames]
+    """)
+    job = load_job(path, registry)
     rendered = []
 
     def render(batches):
@@ -345,22 +359,43 @@ def test_the_pre_pass_bisects_where_the_picture_changes_and_evens_the_frames(wri
         return [_Picture(item.extra["animation"]["t"]) for batch in batches for item in batch]
 
     report = measure_timing(job.plan, tmp_path, render, len(job.plan), batch_size=4)
-    assert report["segments_measured"] == 2 and (tmp_path / TIMING_FILE).is_file()
-    assert all(item.steps < job.plan.item_at(1).steps or item.steps == 2 for item in rendered)
+    assert report["segments_measured"] == 1 and (tmp_path / TIMING_FILE).is_file()
+    assert all(item.steps == 3 and item.width == 64 for item in rendered)  # probes are faithful: the frames' settings
+    assert len(rendered) <= 9  # the budget: a fifth of the frames (plus t = 0)
     curve = next(iter(job.plan.timeline.curves.values()))
     ts = curve["t"]
-    assert len([t for t in ts if 0.5 < t < 0.7]) > len([t for t in ts if t < 0.2])  # probes gather at the snap
+    assert len([t for t in ts if 0.5 < t < 0.75]) >= 3 > len([t for t in ts if t < 0.5])  # bisected at the snap
     level = lambda t: 255 / (1 + np.exp(-(t - 0.6) * 40))  # noqa: E731
-    positions = [position_for(curve, u / 4) for u in range(5)]
-    changes = np.diff([level(t) for t in positions])
-    assert changes.max() / changes.min() < 1.5  # each frame changes the picture about as much
     frames = list(job.plan)
+    changes = np.diff([level(f.extra["animation"]["t"]) for f in frames[:-1]] + [255.0])
+    uniform = np.diff([level(i / 40) for i in range(41)])
+    assert changes.max() / np.median(changes) < 3 < uniform.max() / np.median(uniform)
     assert all(f.extra["animation"].get("timing") in (None, "even") for f in frames)
 
-    again = load_job(_animation_job(write_job, tiny_model, extra=""), registry)
     count = len(rendered)
+    again = load_job(path, registry)
     assert measure_timing(again.plan, tmp_path, render, len(again.plan), 4)["segments_measured"] == 0
     assert len(rendered) == count and [f.id for f in again.plan] == [f.id for f in frames]  # read, not re-measured
-    fresh = load_job(_animation_job(write_job, tiny_model, extra=""), registry)
+    fresh = load_job(path, registry)
     load_timing(fresh.plan, tmp_path)
     assert [f.id for f in fresh.plan] == [f.id for f in frames]
+
+
+def test_smoothness_names_jumps_and_detours():
+    from PIL import Image, ImageDraw
+
+    from plugins.video import smoothness
+
+    def picture(background, shape, fill):
+        image = Image.new("RGB", (32, 32), background)
+        draw = ImageDraw.Draw(image)
+        (draw.rectangle if shape == "square" else draw.ellipse)((8, 8, 24, 24), fill=fill)
+        return image
+
+    start, end = picture("blue", "square", "green"), picture("black", "circle", "yellow")
+    fade = Image.blend(start, end, 0.5)  # on the way from start to end everywhere
+    red = picture("blue", "square", "red")  # neither keyframe is red there
+    report = smoothness([start, fade, red, end], [None, (0, 3), (0, 3), None])
+    assert report["detours"] == [2] and report["off_path"][1] == 0.0 and report["off_path"][2] > 3
+    still = smoothness([start, start, start, end, end], None)  # a hold does not make the median 0
+    assert still["median"] > 0 and still["jumps"] == []
