@@ -39,7 +39,8 @@ class KeyframeSpec:
 
 @dataclass
 class InterpolateSpec:
-    embeddings: Literal["slerp", "lerp"] = "slerp"
+    embeddings: Literal["slerp", "lerp", "attention"] = field(default="slerp", metadata=_m(
+        help="slerp or lerp the text embeddings, or attention: mix cross-attention to both prompts (AID, U-Nets)"))
     noise: Literal["slerp", "lerp"] = "slerp"
     easing: str = field(default="linear", metadata=_m(help="linear, ease-in, ease-out, ease-in-out, cosine, cubic-bezier(x1, y1, x2, y2)"))
     timing: Literal["even", "uniform"] = field(default="even", metadata=_m(
@@ -212,7 +213,7 @@ class _Validator:
         self._sampler(spec.sampler, ("sampler",))
         models = self._models(spec)
         axes = self._axes(spec, uses, models)
-        timeline = self._animation(spec, uses) if spec.animation is not None else None
+        timeline = self._animation(spec, uses, models) if spec.animation is not None else None
         edit = self._edit(spec) if spec.edit is not None else None
         inputs = self._input_files(uses, timeline)
         plan = Plan(
@@ -353,7 +354,7 @@ class _Validator:
     #: Item fields a keyframe sets: they cannot also be swept.
     KEYFRAME_FIELDS = ("prompt", "negative_prompt", "seed")
 
-    def _animation(self, spec: JobSpec, uses: dict):
+    def _animation(self, spec: JobSpec, uses: dict, models: dict):
         """The Timeline of an animation job, with frames as the plan's last axis."""
         from .animation import Keyframe, Timeline
         from .inputs import file_sha256
@@ -395,6 +396,12 @@ class _Validator:
             if a.frame + a.hold >= b.frame:
                 self.fail(frames[a.frame][1] + ("hold",), f"holds to frame {a.frame + a.hold}, but the next "
                                                           f"keyframe is at frame {b.frame}")
+        if anim.interpolate.embeddings == "attention":
+            for info in models.values():
+                family = _denoiser_class(info)
+                if family is not None and family != "UNet2DConditionModel":
+                    self.fail(base + ("interpolate", "embeddings"), f"attention interpolation swaps U-Net attention "
+                              f"processors; model '{info.ref}' denoises with a {family}: use slerp or lerp")
         if anim.loop and len(keyframes) < 2:
             self.fail(base + ("loop",), "a loop needs at least two keyframes to move between")
         timeline = Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
@@ -635,6 +642,23 @@ def _numeric_type(tp) -> type | None:
 
     args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     return args[0] if len(args) == 1 and args[0] in (int, float) else None
+
+
+def _denoiser_class(info) -> str | None:
+    """The denoiser class a diffusers folder names in model_index.json (None when not a readable folder)."""
+    import json
+
+    index = Path(info.location) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("unet", "transformer", "prior"):
+        if isinstance(data.get(key), list) and len(data[key]) == 2:
+            return data[key][1]
+    return None
 
 
 def _yaml_key(key):

@@ -399,3 +399,104 @@ def test_smoothness_names_jumps_and_detours():
     assert report["detours"] == [2] and report["off_path"][1] == 0.0 and report["off_path"][2] > 3
     still = smoothness([start, start, start, end, end], None)  # a hold does not make the median 0
     assert still["median"] > 0 and still["jumps"] == []
+
+
+@pytest.mark.slow
+def test_even_timing_moves_evenly_on_sdbatch_tiny(write_job, registry, tmp_path):
+    """Two prompt/seed pairs per run, uniform against even timing in the same test (the issue's target: <= 3)."""
+    from sdbatch.run import LocalExecutor
+
+    def run(timing):
+        path = write_job(f"""
+            sampler: DDIM
+            steps: 6
+            batch_size: 7
+            animation:
+              keyframes:
+                0:  {{prompt: "a large blue square in the centre, on a white background", seed: 3}}
+                24: {{prompt: "a large red circle in the centre, on a white background", seed: 4}}
+                48: {{prompt: "a large purple triangle in the centre, on a yellow background", seed: 5}}
+              interpolate: {{timing: {timing}}}
+            outputs: [frames, {{video: {{format: gif}}}}]
+        """, f"{timing}.yaml")
+        summary = LocalExecutor(load_job(path, registry), registry, tmp_path / timing, quiet=True).run()
+        return summary, next(iter(summary.notes["smoothness"].values()))
+
+    _, uniform = run("uniform")
+    summary, even = run("even")
+    assert even["max_over_median"] <= 3 < uniform["max_over_median"]
+    assert summary.notes["timing"]["probes"] <= 0.25 * 48 + 2
+
+
+# ---------------------------------------------------------------- attention interpolation
+def test_mixing_attention_interpolates_the_outputs_of_both_prompts_per_row():
+    import torch
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from plugins.animation import MixingAttention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, processor=AttnProcessor2_0())
+    wrapped = MixingAttention(attn.processor)
+    x, a, b = torch.randn(3, 5, 8), torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    plain = lambda context: attn(x, encoder_hidden_states=context)  # noqa: E731
+    attn.set_processor(wrapped)
+    mixed = attn(x, encoder_hidden_states=a, sdbatch_attention_mix=(b, t))
+    assert torch.equal(mixed[0], wrapped.original(attn, x, a)[0])  # t = 0: exactly the first prompt's attention
+    attn.set_processor(wrapped.original)
+    assert torch.allclose(mixed[1], 0.75 * plain(a)[1] + 0.25 * plain(b)[1], atol=1e-6)
+    assert torch.allclose(mixed[2], plain(b)[2], atol=1e-6)
+    assert not torch.allclose(mixed[1], plain(0.75 * a + 0.25 * b)[1], atol=1e-4)  # not an embedding lerp
+    attn.set_processor(wrapped)
+    assert torch.equal(attn(x, encoder_hidden_states=a), wrapped.original(attn, x, a))  # no mix: passed through
+
+
+@pytest.mark.slow
+def test_attention_interpolation_renders_and_leaves_keyframes_alone(write_job, tiny_model, registry):
+    from sdbatch.render import Renderer
+
+    def job(embeddings, guidance):
+        return load_job(write_job(f"""
+            model: {tiny_model}
+            sampler: DDIM
+            steps: 3
+            guidance: {guidance}
+            animation:
+              keyframes: {{0: {{prompt: "a red circle", seed: 1}}, 4: {{prompt: "a blue square", seed: 2}}}}
+              interpolate: {{embeddings: {embeddings}, timing: uniform}}
+            outputs: [frames]
+        """, f"{embeddings}-{guidance}.yaml"), registry)
+
+    renderer = None
+    for guidance in (7.5, 1.0):  # with classifier-free guidance the batch is doubled: so is the second prompt
+        attention, slerp = job("attention", guidance), job("slerp", guidance)
+        renderer = renderer or Renderer(registry, "cpu", "float32", attention.plan.models)
+        mixed = renderer.render([attention.plan.item_at(4), attention.plan.item_at(2)])
+        plain = renderer.render([slerp.plan.item_at(4), slerp.plan.item_at(2)])
+        assert attention.plan.item_at(4).id == slerp.plan.item_at(4).id
+        assert np.array_equal(np.asarray(mixed[0].image), np.asarray(plain[0].image))  # the keyframe: untouched
+        difference = np.abs(np.asarray(mixed[1].image, dtype=float) - np.asarray(plain[1].image, dtype=float))
+        assert difference.max() > 0  # another in-between (random weights heed prompts faintly: 0.2 and 0.03 here)
+
+
+def test_attention_interpolation_is_refused_for_a_model_without_a_unet(write_job, tiny_model, registry, tmp_path):
+    import shutil
+
+    model = tmp_path / "transformer-model"
+    shutil.copytree(tiny_model, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    del index["unet"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    path = write_job(f"""
+        model: {model}
+        animation:
+          keyframes: {{0: {{prompt: "a red circle"}}, 4: {{prompt: "a blue square"}}}}
+          interpolate: {{embeddings: attention}}
+        outputs: [frames]
+    """)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    line = next(i for i, row in enumerate(path.read_text().splitlines(), 1) if "embeddings: attention" in row)
+    assert f"{path}:{line}:" in str(error.value) and "denoises with a SD3Transformer2DModel" in str(error.value)
