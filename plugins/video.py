@@ -178,12 +178,36 @@ def smoothness(images, ends=None) -> dict:
             off_path[frame] = float((np.abs(f - a) + np.abs(f - b) - np.abs(a - b)).mean() / 2)
     return {
         "mean": round(float(np.mean(steps)), 4), "median": round(median, 4), "max": round(max(steps), 4),
+        "segments": segment_figures(steps, ends or []),
         "max_over_median": round(max(steps) / median, 4) if median > 0 else None,
         "jumps": jumps,  # frames whose change from the previous one is over 3x the median
         "detours": [f for f, off in enumerate(off_path) if off > DETOUR],  # frames far from both keyframes
         "steps": [round(s, 4) for s in steps],
         "off_path": [round(off, 4) for off in off_path],
     }
+
+
+def segment_figures(steps: list, ends: list) -> list:
+    """Max/median change inside each keyframe segment: what timing can even out.
+
+    Across segments the change per frame differs with how far apart the keyframes are,
+    which no timing between fixed keyframes changes.
+    """
+    import numpy as np
+
+    spans: dict = {}
+    for frame, pair in enumerate(ends):
+        if pair is not None:
+            first, last = spans.get(pair, (frame, frame))
+            spans[pair] = (min(first, frame), max(last, frame))
+    figures = []
+    for (start, end), (first, last) in spans.items():
+        inside = [step for step in steps[first - 1:last + 1] if step > 0]
+        if inside:
+            median = float(np.median(inside))
+            figures.append({"from": start, "to": end, "max": round(max(inside), 4), "median": round(median, 4),
+                            "max_over_median": round(max(inside) / median, 4) if median > 0 else None})
+    return figures
 
 
 @hookimpl(trylast=True)
