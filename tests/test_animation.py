@@ -342,7 +342,7 @@ class _Picture:
 
 
 def test_the_pre_pass_bisects_where_the_picture_changes_and_evens_the_frames(write_job, tiny_model, registry,
-                                                                              tmp_path):
+                                                                              tmp_path, capsys):
     from sdbatch.timing import TIMING_FILE, load_timing, measure_timing
 
     path = write_job(f"""
@@ -380,6 +380,17 @@ def test_the_pre_pass_bisects_where_the_picture_changes_and_evens_the_frames(wri
     fresh = load_job(path, registry)
     load_timing(fresh.plan, tmp_path)
     assert [f.id for f in fresh.plan] == [f.id for f in frames]
+
+    from sdbatch.cli import main
+
+    capsys.readouterr()
+    assert main(["plan", str(path), "-o", str(tmp_path)]) == 0  # the plan as run will render it
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [f.id for f in frames]
+    assert main(["plan", str(path), "--limit", "2"]) == 0
+    shown = capsys.readouterr()
+    assert "provisional" in shown.err and json.loads(shown.out.splitlines()[1])["extra"]["animation"]["timing"] \
+        == "provisional"
+    assert main(["validate", str(path)]) == 0 and "frames are provisional" in capsys.readouterr().out
 
 
 def test_smoothness_names_jumps_and_detours():
