@@ -292,7 +292,9 @@ def test_even_frames_are_provisional_until_a_curve_is_loaded_then_follow_it():
         assert animation["timing"] == "even"
         assert animation["t"] == position_for(timeline.curves["key"], easing("ease-in-out")(f / 8))
     assert "timing" not in timeline.frame(0, lambda segment: "key")["animation"]  # keyframes stay stills
-    assert "timing" not in _timeline().frame(3)["animation"]  # uniform: the item is as it always was
+    # uniform: the item is as it always was (these keys, so the same ids and files as before even timing)
+    assert set(_timeline().frame(3)["animation"]) == {"frame", "t", "from", "to", "embeddings", "noise"}
+    assert set(_timeline().frame(3)["animation"]["from"]) == {"frame", "prompt", "negative_prompt", "seed"}
 
 
 def test_holds_and_loops_plan_their_frames():
