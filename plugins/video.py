@@ -92,22 +92,24 @@ class VideoWriter(Writer):
                 self.context.notes.setdefault("video", {})[key] = f"skipped: {len(frames)} of {timeline.frames} frames"
                 continue
             name = "" if len(groups) == 1 else f"-{index:03d}"
-            written += self._write_video(frames, name, key, timeline.fps)
+            written += self._write_video(frames, name, key, timeline)
         return written
 
-    def _write_video(self, frames, name: str, key: str, fps: float) -> list:
+    def _write_video(self, frames, name: str, key: str, timeline) -> list:
         from PIL import Image
 
         images = []
         for entry in frames:
             with Image.open(self.context.out.root / entry.image_path()) as image:
                 images.append(image.convert("RGB"))
-        fps = self.options.fps or fps
+        fps = self.options.fps or timeline.fps
         relpath = self.options.path.format(job=self.context.job_name, name=name, ext=self.options.format)
         encode = _encode_ffmpeg if self.options.format in ("mp4", "webm") else _encode_pillow
         record = self.context.out.write_run_file_via(relpath, lambda temp: encode(temp, images, fps, self.options),
                                                      self.name)
-        report = smoothness(images)
+        report = smoothness(images + images[:1] if timeline.loop else images,  # a loop's last step returns to 0
+                            [_segment_ends(entry) for entry in frames])
+        report["loop"] = timeline.loop
         report.update(frames=len(images), fps=fps, video=relpath, axes=json.loads(key))
         sidecar = relpath.rsplit(".", 1)[0] + ".smoothness.json"
         self.context.out.write_run_file(sidecar, json.dumps(report, indent=2).encode(), self.name)
@@ -144,22 +146,71 @@ def _encode_pillow(path, images, fps: float, options: VideoOptions) -> None:
                    duration=duration, loop=0, **extra)
 
 
-def smoothness(images) -> dict:
-    """Mean absolute pixel change (0-255) between consecutive frames, and where it jumps."""
+def _segment_ends(entry) -> tuple | None:
+    """(start keyframe's frame, end keyframe's frame) of a frame moving between two, else None."""
+    animation = entry.item["extra"]["animation"]
+    if not animation.get("t") or "to" not in animation:
+        return None
+    return animation["from"]["frame"], animation["to"]["frame"]
+
+
+JUMP = 3.0  # a frame changing over this many times the median change is a jump
+DETOUR = 3.0  # mean colour (0-255) off the way between the keyframes that makes a frame a detour
+
+
+def smoothness(images, ends=None) -> dict:
+    """Mean absolute pixel change (0-255) between consecutive frames, where it jumps, and detours.
+
+    A detour is a frame with colour that neither of its keyframes has at that place: per pixel and
+    channel, |f - A| + |f - B| - |A - B| is 0 anywhere between A and B (a cross-fade never
+    detours); half its mean is the frame's ``off_path`` change, and over DETOUR names it.
+    """
     import numpy as np
 
     arrays = [np.asarray(image, dtype=np.float32) for image in images]
     steps = [float(np.abs(b - a).mean()) for a, b in itertools.pairwise(arrays)]
     if not steps:
-        return {"mean": 0.0, "median": 0.0, "max": 0.0, "max_over_median": 0.0, "jumps": []}
-    median = float(np.median(steps))
-    jumps = [i + 1 for i, step in enumerate(steps) if median > 0 and step > 3 * median]
+        return {"mean": 0.0, "median": 0.0, "max": 0.0, "max_over_median": 0.0, "jumps": [], "detours": []}
+    median = float(np.median([step for step in steps if step > 0] or steps))  # holds do not move
+    jumps = [i + 1 for i, step in enumerate(steps) if median > 0 and step > JUMP * median]
+    off_path = [0.0] * len(ends or arrays)
+    for frame, pair in enumerate(ends or []):
+        if pair is not None and max(pair) < len(arrays):
+            a, b = arrays[pair[0]], arrays[pair[1]]
+            f = arrays[frame]
+            off_path[frame] = float((np.abs(f - a) + np.abs(f - b) - np.abs(a - b)).mean() / 2)
     return {
         "mean": round(float(np.mean(steps)), 4), "median": round(median, 4), "max": round(max(steps), 4),
+        "segments": segment_figures(steps, ends or []),
         "max_over_median": round(max(steps) / median, 4) if median > 0 else None,
         "jumps": jumps,  # frames whose change from the previous one is over 3x the median
+        "detours": [f for f, off in enumerate(off_path) if off > DETOUR],  # frames far from both keyframes
         "steps": [round(s, 4) for s in steps],
+        "off_path": [round(off, 4) for off in off_path],
     }
+
+
+def segment_figures(steps: list, ends: list) -> list:
+    """Max/median change inside each keyframe segment: what timing can even out.
+
+    Across segments the change per frame differs with how far apart the keyframes are,
+    which no timing between fixed keyframes changes.
+    """
+    import numpy as np
+
+    spans: dict = {}
+    for frame, pair in enumerate(ends):
+        if pair is not None:
+            first, last = spans.get(pair, (frame, frame))
+            spans[pair] = (min(first, frame), max(last, frame))
+    figures = []
+    for (start, end), (first, last) in spans.items():
+        inside = [step for step in steps[first - 1:last + 1] if step > 0]
+        if inside:
+            median = float(np.median(inside))
+            figures.append({"from": start, "to": end, "max": round(max(inside), 4), "median": round(median, 4),
+                            "max_over_median": round(max(inside) / median, 4) if median > 0 else None})
+    return figures
 
 
 @hookimpl(trylast=True)

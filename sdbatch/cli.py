@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", action="store_true", help="print only the number of items")
     p.add_argument("--limit", type=_count, default=None, help="show at most N items")
     p.add_argument("--offset", type=_count, default=0, help="start at item N")
+    p.add_argument("-o", "--output", default=None, metavar="OUT_DIR",
+                   help="an output folder whose timing.json gives even-timed animation frames their final positions")
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("run", help="render a job; re-running it renders only what is missing")
@@ -125,14 +127,30 @@ def cmd_validate(args) -> int:
             print(exc, file=sys.stderr)
             status = exc.exit_code
             continue
-        print(f"{path}: ok, {len(job.plan)} items")
+        print(f"{path}: ok, {len(job.plan)} items{_provisional_note(job)}")
     return status
+
+
+def _provisional_note(job) -> str:
+    """Even-timed frames get their positions from run's pre-pass; until then the plan shows uniform ones."""
+    timeline = job.plan.timeline
+    if timeline is None or timeline.timing != "even" or timeline.curves is not None:
+        return ""
+    return ("; animation frames are provisional (uniform positions): 'run' measures even timing first "
+            "and saves it in OUT/timing.json")
 
 
 def cmd_plan(args) -> int:
     from .job import load_job
 
     job = load_job(args.job, _registry())
+    if args.output:
+        from .timing import load_timing
+
+        load_timing(job.plan, args.output)
+    note = _provisional_note(job)
+    if note and not args.count:
+        print(f"sdbatch: note: {note[2:]}", file=sys.stderr)
     if args.count:
         print(len(job.plan))
         return 0

@@ -41,13 +41,17 @@ class KeyframeSpec:
     image: str | None = field(default=None, metadata=_m(file=True, format="image",
                                                          help="an image to start from (DDIM-inverted)"))
     easing: str | None = field(default=None, metadata=_m(help="easing of the segment that starts here"))
+    hold: int = field(default=0, metadata=_m(min=0, max=100000, help="frames after this one that show it unchanged"))
 
 
 @dataclass
 class InterpolateSpec:
-    embeddings: Literal["slerp", "lerp"] = "slerp"
+    embeddings: Literal["slerp", "lerp", "attention"] = field(default="slerp", metadata=_m(
+        help="slerp or lerp the text embeddings, or attention: mix cross-attention to both prompts (AID, U-Nets)"))
     noise: Literal["slerp", "lerp"] = "slerp"
     easing: str = field(default="linear", metadata=_m(help="linear, ease-in, ease-out, ease-in-out, cosine, cubic-bezier(x1, y1, x2, y2)"))
+    timing: Literal["even", "uniform"] = field(default="even", metadata=_m(
+        help="even: frames change the picture equally (measured at the start of run); uniform: even steps in t"))
 
 
 @dataclass
@@ -58,6 +62,7 @@ class AnimationSpec:
     fps: float = field(default=12.0, metadata=_m(min=0.1, max=240.0))
     interpolate: InterpolateSpec = field(default_factory=InterpolateSpec)
     schedules: dict[str, Any] = field(default_factory=dict)
+    loop: bool = field(default=False, metadata=_m(help="interpolate back to the first keyframe so the video loops"))
 
 
 @dataclass
@@ -255,7 +260,7 @@ class _Validator:
             spec.sampler = "DDIM"  # edits replay deterministic trajectories (flow samplers already are)
         self._family_checks(models, uses, spec)
         axes = self._axes(spec, uses, models)
-        timeline = self._animation(spec, uses) if spec.animation is not None else None
+        timeline = self._animation(spec, uses, models) if spec.animation is not None else None
         edit = self._edit(spec) if spec.edit is not None else None
         inputs = self._input_files(uses, timeline)
         plan = Plan(
@@ -485,7 +490,7 @@ class _Validator:
     #: Item fields a keyframe sets: they cannot also be swept.
     KEYFRAME_FIELDS = ("prompt", "negative_prompt", "seed")
 
-    def _animation(self, spec: JobSpec, uses: dict):
+    def _animation(self, spec: JobSpec, uses: dict, models: dict):
         """The Timeline of an animation job, with frames as the plan's last axis."""
         from .animation import Keyframe, Timeline
         from .inputs import file_sha256
@@ -524,8 +529,22 @@ class _Validator:
             negative = kf.negative_prompt if kf.negative_prompt is not None else negative
             seed = kf.seed if kf.seed is not None else seed
             sha = file_sha256(kf.image) if kf.image else None
-            keyframes.append(Keyframe(frame, prompt, negative, seed, kf.image, sha, kf.easing))
-        count = keyframes[-1].frame + 1
+            keyframes.append(Keyframe(frame, prompt, negative, seed, kf.image, sha, kf.easing, kf.hold))
+        for a, b in zip(keyframes, keyframes[1:]):
+            if a.frame + a.hold >= b.frame:
+                self.fail(frames[a.frame][1] + ("hold",), f"holds to frame {a.frame + a.hold}, but the next "
+                                                          f"keyframe is at frame {b.frame}")
+        if anim.interpolate.embeddings == "attention":
+            for info in models.values():
+                entry = self.registry.get("family", info.family) if info.family else None
+                if entry is not None and "attention" not in entry.obj.capabilities:
+                    self.fail(base + ("interpolate", "embeddings"),
+                              f"{entry.obj.why_not('attention')} (model '{info.ref}'): use slerp or lerp")
+        if anim.loop and len(keyframes) < 2:
+            self.fail(base + ("loop",), "a loop needs at least two keyframes to move between")
+        timeline = Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
+                            anim.interpolate.easing, timing=anim.interpolate.timing, loop=anim.loop)
+        count = timeline.frames
         targets = self._axis_targets(uses)
         schedules = {}
         for name, text in anim.schedules.items():
@@ -552,8 +571,8 @@ class _Validator:
                     self.fail(path, f"gives {value:g} at frame {frame}, outside {meta.get('min')}..{meta.get('max')}")
                     break
             schedules[name] = values
-        return Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
-                        anim.interpolate.easing, schedules)
+        timeline.schedules = schedules
+        return timeline
 
     # -- editing -------------------------------------------------------------------------
     def _edit(self, spec: JobSpec):
@@ -761,6 +780,14 @@ def _numeric_type(tp) -> type | None:
 
     args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     return args[0] if len(args) == 1 and args[0] in (int, float) else None
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("unet", "transformer", "prior"):
+        if isinstance(data.get(key), list) and len(data[key]) == 2:
+            return data[key][1]
+    return None
 
 
 def _yaml_key(key):

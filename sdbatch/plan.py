@@ -271,14 +271,22 @@ class Plan:
 
     def item_at(self, index: int) -> Item:
         values = self.axis_values(index)
-        fields = self._fields(values)
+        fields = self._fields(values, index)
         return Item(index=index, **fields)
 
-    def _fields(self, values: dict) -> dict:
+    def segment_key(self, index: int, segment) -> str:
+        """The content key of the animation segment an item at ``index`` moves along (see animation.py)."""
+        from .animation import segment_key
+
+        frame = self.axis_values(index)["frame"]
+        start = self.item_at(index - (frame - segment.first))  # frames are the fastest axis
+        return segment_key(start.id, segment, self.timeline)
+
+    def _fields(self, values: dict, index: int) -> dict:
         axes = {k: (v[1] if k == "prompt" else v) for k, v in values.items()}
         extra = {}
         if self.timeline is not None:
-            frame = self.timeline.frame(values["frame"])
+            frame = self.timeline.frame(values["frame"], lambda segment: self.segment_key(index, segment))
             values = {**values, **frame["fields"]}
             values["prompt"] = (frame["fields"]["prompt"], frame["fields"]["prompt"])
             extra["animation"] = frame["animation"]

@@ -84,8 +84,26 @@ class RayExecutor(LocalExecutor):
         self.workers, self.address, self.gpus_per_worker = workers, address, gpus_per_worker
         self.actors: list = []
         self._started: str | None = None  # the session name of a local cluster this run started
+        self._pool = None
+
+    def _render_now(self, batches: list) -> list:
+        """The timing pre-pass renders on the workers too (the driver may have no GPU), results in order."""
+        from .errors import SdbatchError
+
+        results = []
+        for done, failures in self._start().map(lambda actor, work: actor.render.remote(work), batches):
+            if failures:
+                raise SdbatchError(f"the timing pre-pass failed: {failures[0][1]}")
+            results += done
+        return results
 
     def _start(self):
+        """The actor pool, started once per run."""
+        if self._pool is None:
+            self._pool = self._start_pool()
+        return self._pool
+
+    def _start_pool(self):
         import ray
         from ray.util import ActorPool
 

@@ -225,14 +225,40 @@ def run_files_html(run: RunFolder, page_dir: Path, thumb_size: int) -> str:
         suffix = Path(relpath).suffix.lower()
         thumb = data_uri(run.root / relpath, thumb_size * 4) if suffix in IMAGE_SUFFIXES else None
         if suffix in VIDEO_TYPES:
-            parts.append(f'<figure><video controls preload=metadata><source src="{href}" '
-                         f'type="{VIDEO_TYPES[suffix]}"></video><figcaption>{name}</figcaption></figure>')
+            plot = change_plot(_read_json(run.root / (relpath.rsplit(".", 1)[0] + ".smoothness.json")))
+            parts.append(f'<div class=video-row><figure><video controls preload=metadata><source src="{href}" '
+                         f'type="{VIDEO_TYPES[suffix]}"></video><figcaption>{name}</figcaption></figure>'
+                         f"{plot}</div>")
         elif thumb:
             parts.append(f'<figure><a href="{href}"><img src="{thumb[0]}" alt="{name}"></a>'
                          f"<figcaption>{name}</figcaption></figure>")
         else:
             parts.append(f'<p><a href="{href}">{name}</a></p>')
     return f"<section class=run-files><h2>Run files</h2>{''.join(parts)}</section>" if parts else ""
+
+
+def change_plot(report: dict | None, width: int = 320, height: int = 96) -> str:
+    """A video's per-frame change (its smoothness sidecar) as an inline SVG: a line, jumps and detours marked."""
+    steps = (report or {}).get("steps") or []
+    if not steps:
+        return ""
+    top = max(steps) or 1.0
+    x = lambda frame: round(4 + (width - 8) * frame / len(steps), 1)  # noqa: E731 - step i ends at frame i+1
+    y = lambda value: round(height - 14 - (height - 22) * value / top, 1)  # noqa: E731
+    line = " ".join(f"{x(i + 1)},{y(v)}" for i, v in enumerate(steps))
+    detours = "".join(f'<rect x="{x(f - 0.5)}" y="4" width="{x(1) - x(0)}" height="{height - 18}" fill="#f4c7a1">'
+                      f"<title>frame {f}: detour</title></rect>" for f in report.get("detours", []))
+    jumps = "".join(f'<circle cx="{x(f)}" cy="{y(steps[f - 1])}" r="3" fill="#c0392b">'
+                    f"<title>frame {f}: change {steps[f - 1]:.2f}</title></circle>" for f in report.get("jumps", []))
+    ratio = report.get("max_over_median")
+    caption = html.escape(f"change per frame (mean |RGB|, 0-255): max {report.get('max', 0):.2f}, median "
+                          f"{report.get('median', 0):.2f}, max/median {ratio if ratio is not None else '-'}; "
+                          f"{len(report.get('jumps', []))} jumps, {len(report.get('detours', []))} detours")
+    return (f'<figure class=change-plot><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'role="img" aria-label="{caption}">{detours}<polyline points="{line}" fill="none" stroke="#2c3e50" '
+            f'stroke-width="1.5"/>{jumps}<text x="4" y="{height - 2}" font-size="10">frame 0</text>'
+            f'<text x="{width - 4}" y="{height - 2}" font-size="10" text-anchor="end">{len(steps)}</text></svg>'
+            f"<figcaption>{caption}</figcaption></figure>")
 
 
 def render_page(run: RunFolder, page_dir: Path, thumb_size: int = 256, max_items: int | None = None) -> str:
@@ -325,6 +351,7 @@ figcaption { font-size: .75rem; opacity: .8; overflow-wrap: anywhere; max-height
   max-width: 14rem; overflow-wrap: anywhere; } #grid td { vertical-align: top; padding: .2rem; }
 .cell { display: flex; gap: .2rem; } .cell img { width: 128px; }
 .run-files { margin-top: 2rem; } .run-files figure { display: inline-block; margin: 0 1rem 1rem 0; max-width: 100%; }
+.video-row { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .run-files img, .run-files video { max-width: min(100%, 900px); width: auto; cursor: pointer; }
 dialog { max-width: min(92vw, 1000px); border: 1px solid var(--line); border-radius: 8px; }
 dialog img { max-width: min(85vw, 640px); min-width: 256px; image-rendering: pixelated; display: block; margin: auto; }

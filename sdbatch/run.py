@@ -80,6 +80,7 @@ class LocalExecutor:
         self.quiet = quiet
         self.limit = limit
         self.model_loads = 0
+        self._renderer = None
 
     def run(self) -> Summary:
         try:
@@ -94,6 +95,7 @@ class LocalExecutor:
         started = time.monotonic()
         total = len(job.plan) if self.limit is None else min(self.limit, len(job.plan))
         summary = Summary(total=total)
+        self._time_frames(total)
         writers = make_writers(job, self.context)
         finished = _finished_check(writers, out)
         if len(out) or any(type(w).covers is not Writer.covers for w in writers):  # a fresh run skips the scan
@@ -120,17 +122,36 @@ class LocalExecutor:
         atomic_write(out.root / SUMMARY, json.dumps(summary.to_json(), indent=2).encode())
         return summary
 
+    def _time_frames(self, total: int) -> None:
+        """Even-timed animations: measure the segments timing.json lacks, so the plan holds final frames."""
+        from .timing import measure_timing
+
+        report = measure_timing(self.job.plan, self.context.out.root, self._render_now, total, self.batch_size)
+        if report is not None:
+            self.context.notes["timing"] = report
+
+    def _render_now(self, batches: list) -> list:
+        """Render batches outside the run's stream (the timing pre-pass), results in order; errors are raised."""
+        renderer = self._local_renderer()
+        return [result for batch in batches for result in renderer.render(batch)]
+
+    def _local_renderer(self):
+        """One Renderer for the run, so the model loads once."""
+        if self._renderer is None:
+            import torch
+
+            from .render import Renderer
+
+            if self.job.spec.threads:
+                torch.set_num_threads(self.job.spec.threads)
+            self._renderer = Renderer(self.registry, self.device, self.job.spec.dtype, self.job.plan.models,
+                                      pad_batches_to=self.batch_size if _is_gpu(self.device) else None,
+                                      batch_invariant=self.job.spec.batch_invariant)
+        return self._renderer
+
     def _render_batches(self, batches, sink, summary) -> None:
-        """Render in this process: one Renderer, so the model loads once."""
-        import torch
-
-        from .render import Renderer
-
-        if self.job.spec.threads:
-            torch.set_num_threads(self.job.spec.threads)
-        renderer = Renderer(self.registry, self.device, self.job.spec.dtype, self.job.plan.models,
-                            pad_batches_to=self.batch_size if _is_gpu(self.device) else None,
-                            batch_invariant=self.job.spec.batch_invariant)
+        """Render in this process."""
+        renderer = self._local_renderer()
         for batch in batches:
             sink.check()
             self._render(renderer, batch, sink, summary)
@@ -305,8 +326,10 @@ def run_status(out_dir, registry) -> dict:
     if not job_file.is_file():
         raise SdbatchError(f"{out_dir} has no job.yaml: not an sdbatch output folder (or nothing ran yet)")
     from .job import load_job
+    from .timing import load_timing
 
     job = load_job(job_file, registry)
+    load_timing(job.plan, out_dir)
     context = run_context(job, out_dir, lock=False)  # only reads: a live run's files stay untouched
     finished = _finished_check(make_writers(job, context), context.out)
     done_ids = {item.id for item in job.plan if finished(item)}  # one pass over the plan

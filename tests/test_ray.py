@@ -103,3 +103,27 @@ def test_controlnet_and_img2img_items_match_between_ray_and_local(ray_cluster, w
     RayExecutor(job, registry, tmp_path / "ray", workers=2, quiet=True).run()
     assert _pngs(tmp_path / "local") == _pngs(tmp_path / "ray") and len(_pngs(tmp_path / "ray")) == 4
     assert Image.open(next((tmp_path / "ray").rglob("*.png"))).size == (64, 64)
+
+
+def test_even_timed_animation_frames_match_between_ray_and_local(ray_cluster, write_job, tiny_model, registry,
+                                                                 tmp_path):
+    from sdbatch.job import load_job
+    from sdbatch.ray_executor import RayExecutor
+    from sdbatch.run import LocalExecutor
+
+    path = write_job(f"""
+        model: {tiny_model}
+        sampler: DDIM
+        steps: 4
+        batch_size: 3
+        animation:
+          keyframes: {{0: {{prompt: "a red circle", seed: 1}}, 6: {{prompt: "a blue square", seed: 2}}}}
+          interpolate: {{timing: even}}
+        outputs: [frames]
+    """)
+    LocalExecutor(load_job(path, registry), registry, tmp_path / "local", quiet=True).run()
+    RayExecutor(load_job(path, registry), registry, tmp_path / "ray", workers=2, quiet=True).run()
+    curves = lambda out: {key: (curve["t"], curve["change"])  # noqa: E731 - what the plan reads (not seconds)
+                          for key, curve in json.loads((tmp_path / out / "timing.json").read_text())["segments"].items()}
+    assert curves("local") == curves("ray") and len(curves("ray")) == 1
+    assert _pngs(tmp_path / "local") == _pngs(tmp_path / "ray") and len(_pngs(tmp_path / "ray")) == 7

@@ -201,3 +201,18 @@ def test_report_command(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(tmp_path / "nothing")]) == 1
     assert "has no manifest.jsonl: not an sdbatch output folder" in capsys.readouterr().err
+
+
+def test_a_video_shows_its_per_frame_change_beside_it(tmp_path):
+    run_dir = _fake_run(tmp_path / "run")
+    sidecar = {"steps": [1.0, 1.2, 9.0, 1.1], "median": 1.15, "max": 9.0, "max_over_median": 7.83,
+               "jumps": [3], "detours": [2]}
+    (run_dir / "anim.smoothness.json").write_text(json.dumps(sidecar))
+    text = write_report(run_dir, tmp_path / "r.html").read_text(encoding="utf-8")
+    row = re.search(r"<div class=video-row>(.*?)</div>", text, flags=re.S).group(1)
+    assert "<video" in row and "<svg" in row  # the plot sits beside the player
+    points = re.search(r'<polyline points="([^"]+)"', row).group(1).split()
+    assert len(points) == 4 and min(points, key=lambda p: float(p.split(",")[1])) == points[2]  # frame 3 highest
+    assert row.count("<circle") == 1 and "frame 3: change 9.00" in row  # the jump
+    assert row.count("<rect") == 1 and "frame 2: detour" in row
+    assert "max/median 7.83; 1 jumps, 1 detours" in row
