@@ -463,7 +463,8 @@ class _Validator:
                         self.fail(("conditioners", index, use.name), family.why_not(capability))
         directions = spec.edit.directions if spec.edit is not None and isinstance(spec.edit.directions, list) else []
         for index, raw in enumerate(directions):
-            finder = self.registry.get("direction", raw.get("kind")) if isinstance(raw, dict) else None
+            kind = raw.get("kind") if isinstance(raw, dict) else None
+            finder = self.registry.get("direction", kind) if isinstance(kind, str) else None
             for family in families.values() if finder is not None else ():
                 for capability in getattr(finder.obj, "requires", ()):
                     if capability not in family.capabilities:
