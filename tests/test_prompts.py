@@ -159,17 +159,16 @@ def _redness(images):
 
 def test_a_plain_short_prompt_encodes_exactly_as_before(tiny_pipe):
     import torch
-    from types import SimpleNamespace
 
+    from sdbatch_plugins.families import clip_states
     from sdbatch_plugins.prompts import clip_encoder, encode_prompt_chunks
-    from sdbatch_plugins.text import encode_prompt
 
     pipe = tiny_pipe
-    model = SimpleNamespace(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, device="cpu",
-                            dtype=torch.float32, extra={})
     for prompt in (PLAIN, "", "blurry: lowres"):
         hidden, pooled = encode_prompt_chunks(pipe.tokenizer, clip_encoder(pipe.text_encoder), prompt)
-        assert torch.equal(hidden, encode_prompt(model, prompt))  # plugins/text.py's encoding today
+        with torch.inference_mode():  # the single 77-token encoding sdbatch used before prompt syntax
+            before, _ = clip_states(pipe.text_encoder, pipe.tokenizer, prompt, "cpu", layer=1, normalize=True)
+        assert torch.equal(hidden, before)
         assert pooled.shape == (pipe.text_encoder.config.hidden_size,)
     # Clip skip 2: the layer before the last, through the final norm (diffusers' clip_skip=1, whose
     # own code path reads text_model, which transformers 5 no longer has).
