@@ -1,12 +1,23 @@
-"""Progress for long runs: a tqdm bar on a terminal, plain periodic lines otherwise, or nothing."""
+"""Progress for long runs: a tqdm bar on a terminal, plain periodic lines otherwise, or nothing.
+
+Rates and ETAs come from rendered items only (failures advance the count, not the rate) and
+are smoothed: an average over the last two minutes, measured between bursts (see ``Rate``).
+"""
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
 import time
 
+#: A pause longer than this between finished items ends a burst (a batch reaches the writer at once).
+GAP_SECONDS = 0.25
+#: In a steady stream (no pauses) a rate sample is still taken this often.
+SAMPLE_SECONDS = 1.0
+#: The rate is the average over this many seconds of samples: steady, yet it follows a change of pace.
+WINDOW_SECONDS = 120.0
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
@@ -15,39 +26,87 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class Rate:
+    """Rendered items per second, the average over a window of samples taken between bursts.
+
+    A sample (time, items so far) is taken where a burst ends, so a batch's items are never timed
+    over the milliseconds the writer takes to store them, and the first batch (whose time includes
+    loading the model) only sets where the count starts.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.rendered = 0
+        self._first: float | None = None  # when the first item finished
+        self._last: float | None = None  # when the latest item finished
+        self._samples: collections.deque = collections.deque()
+
+    def add(self, count: int) -> None:
+        now = self.clock()
+        if self._first is None:
+            self._first = now
+        elif now - self._last > GAP_SECONDS:  # a new burst: the previous one ended at _last
+            self._sample(self._last, self.rendered)
+        elif now - (self._samples[-1][0] if self._samples else self._first) >= SAMPLE_SECONDS:
+            self._sample(now, self.rendered)  # a steady stream
+        self._last = now
+        self.rendered += count
+
+    def _sample(self, when: float, rendered: int) -> None:
+        self._samples.append((when, rendered))
+        while len(self._samples) > 2 and when - self._samples[1][0] >= WINDOW_SECONDS:
+            self._samples.popleft()
+
+    def current(self) -> float:
+        """Items per second over the window; 0 until two samples are apart."""
+        if self._last is not None and self.clock() - self._last > GAP_SECONDS:
+            samples = [*self._samples, (self._last, self.rendered)]  # the latest burst has ended
+        else:
+            samples = list(self._samples)
+        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+            return 0.0
+        (began, first), (ended, last) = samples[0], samples[-1]
+        return (last - first) / (ended - began)
+
+
 class Progress:
     """Counts finished items against a total; chooses its display from the stream."""
 
-    def __init__(self, total: int, initial: int = 0, quiet: bool = False, stream=None, label: str = "items"):
+    def __init__(self, total: int, initial: int = 0, quiet: bool = False, stream=None, label: str = "items",
+                 clock=time.monotonic):
         self.total, self.done, self.label = total, initial, label
         self.stream = stream or sys.stderr
         self.quiet = quiet
-        self.start = time.monotonic()
+        self.clock = clock
         self.initial = initial
         self.interval = float(os.environ.get("SDBATCH_PROGRESS_INTERVAL", "10"))
-        self._last_line = self.start
+        self._last_line = clock()
         self._bar = None
-        self._first: tuple[float, int] | None = None
+        self._rate = Rate(clock)
         self._lock = threading.Lock()
         self._note = ""
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
+            # tqdm's own rate would time the first burst; the postfix shows ours instead.
             self._bar = tqdm(total=total, initial=initial, unit=" " + label, file=self.stream, dynamic_ncols=True,
-                             smoothing=0.1)
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
-    def update(self, count: int = 1) -> None:
+    def update(self, count: int = 1, rendered: bool = True) -> None:
+        """``count`` more items finished; ``rendered=False`` for failures (counted, not timed)."""
         with self._lock:  # the render loop and the writer thread both report
-            self._update(count)
+            self._update(count, rendered)
 
-    def _update(self, count: int) -> None:
-        if self._first is None:
-            # Rates count from the first finished item: start-up and model loading are not throughput.
-            self._first = (time.monotonic(), self.done)
+    def _update(self, count: int, rendered: bool) -> None:
+        if rendered:
+            self._rate.add(count)
         self.done += count
         if self._bar is not None:
+            if self.clock() - self._last_line >= 1.0:
+                self._last_line = self.clock()
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
             self._bar.update(count)
-        elif not self.quiet and time.monotonic() - self._last_line >= self.interval:
+        elif not self.quiet and self.clock() - self._last_line >= self.interval:
             self._line()
 
     def note(self, text: str) -> None:
@@ -56,25 +115,29 @@ class Progress:
             return
         self._note = text
         if self._bar is not None:
-            self._bar.set_postfix_str(text, refresh=False)
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
 
     @property
     def rate(self) -> float:
-        """Items per second since the first item finished."""
-        if self._first is None:
-            return 0.0
-        began, done_then = self._first
-        elapsed = time.monotonic() - began
-        return (self.done - done_then) / elapsed if elapsed > 0 else 0.0
+        """Rendered items per second, smoothed; 0 until one can be measured."""
+        return self._rate.current()
+
+    def eta(self) -> str:
+        rate = self.rate
+        if self.done >= self.total:
+            return "0m00s"
+        return _duration((self.total - self.done) / rate) if rate > 0 else "?"
+
+    def _postfix(self) -> str:
+        rate = self.rate
+        shown = f"{rate:.2f} {self.label}/s, ETA {self.eta()}" if rate > 0 else f"ETA {self.eta()}"
+        return shown + (f", {self._note}" if self._note else "")
 
     def _line(self) -> None:
-        self._last_line = time.monotonic()
-        rate = self.rate
-        eta = _duration((self.total - self.done) / rate) if rate > 0 else "?"
+        self._last_line = self.clock()
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        note = f", {self._note}" if self._note else ""
-        print(f"sdbatch: {self.done}/{self.total} {self.label} ({percent:.1f}%), {rate:.2f} {self.label}/s, ETA {eta}"
-              f"{note}", file=self.stream, flush=True)
+        print(f"sdbatch: {self.done}/{self.total} {self.label} ({percent:.1f}%), {self._postfix()}",
+              file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -122,7 +122,7 @@ class RayExecutor(LocalExecutor):
         for item, message in failures:
             summary.failed += 1
             _record_failures(self.context.out.root, [item], RuntimeError(message))
-            sink.progress.update(1)
+            sink.progress.update(1, rendered=False)
         if results:
             summary.render_seconds += sum(r.seconds for r in results)
             sink.put(results)

@@ -143,7 +143,7 @@ class LocalExecutor:
                 return
             summary.failed += 1
             _record_failures(self.context.out.root, batch, exc)
-            sink.progress.update(1)
+            sink.progress.update(1, rendered=False)
             return
         seconds = (time.monotonic() - began) / len(batch)
         summary.render_seconds += time.monotonic() - began
@@ -272,7 +272,7 @@ class _WriterThread:
         except PluginCallError as exc:  # this item fails; the run goes on
             self.summary.failed += 1
             _record_failures(self.out.root, [item], exc)
-            self.progress.update(1)
+            self.progress.update(1, rendered=False)
             return
         record = item.to_json()
         record["model_hash"] = result.model_hash
