@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="render a job; re-running it renders only what is missing")
     p.add_argument("job")
-    p.add_argument("-o", "--output", default="out", help="output folder (default: out)")
+    p.add_argument("-o", "--output", default=None, help="output folder (default: out/<job name>)")
+    p.add_argument("--add", action="store_true",
+                   help="add to an output folder that holds another job's outputs (refused otherwise)")
     p.add_argument("--batch-size", type=int, default=None, help="override the job's batch_size")
     p.add_argument("--device", default=None, help="override the job's device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--limit", type=int, default=None, help="render only the first N items of the plan")
@@ -130,6 +132,9 @@ def cmd_run(args) -> int:
 
     registry = _registry()
     job = load_job(args.job, registry)
+    args.output = args.output or default_output(job)
+    if not args.add:
+        check_output_folder(job, args.output)
     options = dict(batch_size=args.batch_size, device=args.device, quiet=args.quiet, limit=args.limit)
     if args.executor == "ray":
         from .ray_executor import RayExecutor
@@ -146,6 +151,43 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
     return 1 if summary.failed else 0
+
+
+def default_output(job) -> str:
+    """out/<job name>: one folder per job, so jobs run without -o never mix their outputs."""
+    from pathlib import Path
+
+    from .plan import slug
+
+    return str(Path("out") / slug(job.spec.name or Path(job.filename).stem))
+
+
+def check_output_folder(job, output) -> None:
+    """Refuse a folder holding another job's outputs: its manifest and job.yaml would mix with this job's.
+
+    The same job is one with the same ``name:``, or, unnamed, the same file; an edited job
+    with its name keeps resuming into its folder.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from .output import MANIFEST
+
+    stored = Path(output) / "job.yaml"
+    if not (Path(output) / MANIFEST).is_file() or not stored.is_file():
+        return
+    if Path(job.filename).is_file() and stored.read_bytes() == Path(job.filename).read_bytes():
+        return
+    try:
+        name = (yaml.safe_load(stored.read_text()) or {}).get("name")
+    except (yaml.YAMLError, AttributeError, OSError):
+        name = None
+    if name and name == job.spec.name:
+        return
+    shown = f"job '{name}'" if name else "another job"
+    raise SdbatchError(f"{output} holds the outputs of {shown} ({stored}); give another folder with -o, "
+                       f"or --add to add this job's outputs to it")
 
 
 def cmd_status(args) -> int:
