@@ -165,8 +165,8 @@ def default_output(job) -> str:
 def check_output_folder(job, output) -> None:
     """Refuse a folder holding another job's outputs: its manifest and job.yaml would mix with this job's.
 
-    The same job is one with the same ``name:``, or, unnamed, the same file; an edited job
-    with its name keeps resuming into its folder.
+    Jobs are told apart by ``name:``; an edited job keeps its name and resumes into its folder.
+    Two unnamed jobs cannot be told apart unless their files are equal, so they are not refused.
     """
     from pathlib import Path
 
@@ -177,15 +177,13 @@ def check_output_folder(job, output) -> None:
     stored = Path(output) / "job.yaml"
     if not (Path(output) / MANIFEST).is_file() or not stored.is_file():
         return
-    if Path(job.filename).is_file() and stored.read_bytes() == Path(job.filename).read_bytes():
-        return
     try:
         name = (yaml.safe_load(stored.read_text()) or {}).get("name")
     except (yaml.YAMLError, AttributeError, OSError):
         name = None
-    if name and name == job.spec.name:
+    if name == job.spec.name:
         return
-    shown = f"job '{name}'" if name else "another job"
+    shown = f"job '{name}'" if name else "an unnamed job"
     raise SdbatchError(f"{output} holds the outputs of {shown} ({stored}); give another folder with -o, "
                        f"or --add to add this job's outputs to it")
 
@@ -202,7 +200,8 @@ def cmd_status(args) -> int:
     print(f"  items:  {done}/{total} done ({100.0 * done / total if total else 100:.1f}%), {status['failed']} failed")
     dataset = status["notes"].get("dataset")
     if dataset:
-        print(f"  shards: {dataset['shards_done']}/{dataset['shards_total']} done in {dataset['url']}")
+        short = f", {dataset['shards_short']} short (waiting for more items)" if dataset.get("shards_short") else ""
+        print(f"  shards: {dataset['shards_done']}/{dataset['shards_total']} done{short} in {dataset['url']}")
     last = status["last_run"]
     if last:
         print(f"  last run: {last.get('rendered', 0)} rendered in {last.get('seconds', 0):.1f}s "

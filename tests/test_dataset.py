@@ -13,14 +13,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _dataset_job(write_job, tiny_model, extra: str = "", count: int = 3):
+def _dataset_job(write_job, tiny_model, extra: str = "", count: int = 3, shard_size: int = 5):
     return write_job(f"""
         model: {tiny_model}
         steps: 2
         batch_size: 4
         prompt: "a {{red|blue}} {{circle|square}}"
         sweep: {{seed: {{start: 0, count: {count}}}}}
-        outputs: [{{webdataset: {{shard_size: 5{extra}}}}}]
+        outputs: [{{webdataset: {{shard_size: {shard_size}{extra}}}}}]
     """)
 
 
@@ -48,7 +48,7 @@ def test_shards_read_back_with_webdataset_and_pyarrow(write_job, tiny_model, tmp
         assert hashlib.sha256(sample["png"]).hexdigest() == row["sha256"]
         assert row["index"] // 5 == row["shard"] and record["id"] == row["id"]
     stats = json.loads((out / "dataset" / "00002_stats.json").read_text())
-    assert stats == {"shard": 2, "count": 2, "successes": 2, "failed": 0}
+    assert stats == {"shard": 2, "shard_size": 5, "complete": True, "count": 2, "successes": 2, "failed": 0}
     assert not (out / ".dataset-staging").exists() or not any((out / ".dataset-staging").rglob("*.png"))
 
     capsys.readouterr()
@@ -86,3 +86,54 @@ def test_shards_go_through_fsspec(write_job, tiny_model, tmp_path):
     with fs.open("/sdbatch-test/set/00000.tar", "rb") as handle:
         (tmp_path / "copy.tar").write_bytes(handle.read())
     assert len(list(wds.WebDataset([str(tmp_path / "copy.tar")], shardshuffle=False))) == 4
+
+
+def _samples(folder) -> dict:
+    """key -> (png sha256, stats-free record) over every tar in the folder."""
+    import webdataset as wds
+
+    tars = sorted(glob.glob(f"{folder}/*.tar"))
+    return {s["__key__"]: hashlib.sha256(s["png"]).hexdigest() for s in wds.WebDataset(tars, shardshuffle=False)}
+
+
+def _stats(folder) -> list:
+    return [json.loads(open(p).read()) for p in sorted(glob.glob(f"{folder}/*_stats.json"))]
+
+
+def test_a_run_that_stops_mid_shard_leaves_every_item_readable(write_job, tiny_model, tmp_path, capsys):
+    """--limit 7 with shards of 5: a complete shard and a short one; the short one is rebuilt later."""
+    from sdbatch.cli import main
+
+    job, out = _dataset_job(write_job, tiny_model), tmp_path / "out"
+    assert main(["run", str(job), "-o", str(out), "-q", "--limit", "7"]) == 0
+    assert sorted(_samples(out / "dataset")) == [f"{i:09d}" for i in range(7)]
+    assert [(s["shard"], s["complete"], s["successes"]) for s in _stats(out / "dataset")] == [(0, True, 5), (1, False, 2)]
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    assert "shards: 1/3 done, 1 short (waiting for more items) in" in capsys.readouterr().out
+
+    assert main(["run", str(job), "-o", str(out), "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rendered"], summary["already_done"]) == (5, 7)
+    assert sorted(_samples(out / "dataset")) == [f"{i:09d}" for i in range(12)]
+    assert [(s["shard"], s["complete"], s["successes"]) for s in _stats(out / "dataset")] == [
+        (0, True, 5), (1, True, 5), (2, True, 2)]
+    assert not any((out / ".dataset-staging").rglob("*.png"))
+
+
+def test_a_new_shard_size_repacks_and_renders_nothing_again(write_job, tiny_model, tmp_path):
+    from sdbatch.cli import main
+
+    out = tmp_path / "out"
+    assert main(["run", str(_dataset_job(write_job, tiny_model)), "-o", str(out), "-q", "--limit", "8"]) == 0
+    before = _samples(out / "dataset")
+    smaller = _dataset_job(write_job, tiny_model, shard_size=3)
+    assert main(["run", str(smaller), "-o", str(out), "-q", "--limit", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rendered"], summary["already_done"]) == (0, 8)
+    assert _samples(out / "dataset") == before  # the same pixels, re-packed
+    assert [(s["shard"], s["shard_size"], s["complete"], s["successes"]) for s in _stats(out / "dataset")] == [
+        (0, 3, True, 3), (1, 3, True, 3), (2, 3, False, 2)]
+    assert main(["run", str(smaller), "-o", str(out), "-q"]) == 0
+    assert json.loads((out / "summary.json").read_text())["rendered"] == 4
+    assert sorted(_samples(out / "dataset")) == [f"{i:09d}" for i in range(12)]

@@ -54,3 +54,11 @@ def test_the_same_job_edited_resumes_into_its_folder(write_job, tiny_model, tmp_
     job.write_text(job.read_text().replace("prompt: a red square", "prompt: a red square, large"))
     assert main(["run", str(job), "-o", str(out), "-q"]) == 0
     assert _manifest_prompts(out) == ["a red square", "a red square, large"]
+
+
+def test_an_unnamed_jobs_folder_is_refused_to_a_named_job(write_job, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(_job(write_job, tiny_model, None, "a red square", "a.yaml")), "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(_job(write_job, tiny_model, "circles", "a circle", "b.yaml")), "-o", str(out), "-q"]) == 1
+    assert f"{out} holds the outputs of an unnamed job" in capsys.readouterr().err
