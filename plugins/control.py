@@ -53,6 +53,10 @@ class ControlOptions:
     allow_pickle: bool = False
 
 
+#: The ControlNet extension's names for the resize options (A1111 has no "none": the input's own size).
+RESIZE_MODES = {"crop": "Crop and Resize", "fit": "Resize and Fill", "stretch": "Just Resize", "none": "None"}
+
+
 class ControlConditioner(Conditioner):
     """Base of the ControlNet conditioners: input -> cached control map -> ControlNet residuals."""
 
@@ -64,6 +68,20 @@ class ControlConditioner(Conditioner):
     def preprocess(self, image, options, device: str):
         """The control map (RGB PIL image, same size) for an input already at the item's size."""
         raise NotImplementedError
+
+    def a1111_fields(self, item, options) -> list:
+        """The ControlNet extension's unit text: ``ControlNet 0: "Module: canny, Model: ..., ..."``."""
+        from pathlib import Path
+
+        unit = {"Module": "none" if self.name == "image" else self.name,
+                "Model": Path(options.controlnet).stem or options.controlnet, "Weight": f"{options.scale:g}",
+                "Resize Mode": RESIZE_MODES[options.resize], **self.thresholds(options),
+                "Guidance Start": f"{options.start:g}", "Guidance End": f"{options.end:g}"}
+        return [("ControlNet {n}", ", ".join(f"{key}: {value}" for key, value in unit.items()))]
+
+    def thresholds(self, options) -> dict:
+        """The extension's ``Threshold A``/``Threshold B`` for a preprocessor that has them."""
+        return {}
 
     def preprocessor_key(self, options) -> dict:
         """The options that change the map (part of the cache key): those a kind adds."""
@@ -304,6 +322,9 @@ class CannyConditioner(ControlConditioner):
         from .preprocessors import canny_map
 
         return canny_map(image, options.low, options.high)
+
+    def thresholds(self, options) -> dict:
+        return {"Threshold A": options.low, "Threshold B": options.high}
 
 
 @dataclass

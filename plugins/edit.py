@@ -52,6 +52,15 @@ class EditConditioner(Conditioner):
                 raise ValueError(f"direction {direction.name!r} has unknown space {direction.space!r}")
         return extension if extension.latent_edits or extension.sega_rows else None
 
+    def a1111_fields(self, item, options) -> list:
+        """The edit's direction (kind: label) and strength; A1111 has no such fields, so they go last."""
+        edit = item.extra.get("edit")
+        if not edit:
+            return []
+        label = str(item.axes.get("direction", "")).split(": ", 1)[-1]
+        return [("Edit direction", f"{edit['direction']['kind']}: {label}"),
+                ("Edit strength", f"{edit['strength']:g}")]
+
     def direction(self, registry, model, item, edit: dict, source):
         """The item's direction, found once per (source, direction entry, steps, size) per model."""
         spec = edit["direction"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sdbatch import hookimpl
 from sdbatch.api import Writer
-from sdbatch.metadata import a1111_fields, encode_user_comment, format_parameters
+from sdbatch.metadata import a1111_fields, encode_user_comment, format_parameters, record_xmp
 from sdbatch.output import check_template, render_template
 
 DEFAULT_PATH = "{prompt_slug}/{seed}-{id}.{ext}"
@@ -16,7 +16,8 @@ DEFAULT_PATH = "{prompt_slug}/{seed}-{id}.{ext}"
 
 def parameters_text(result, context) -> str:
     item = result.item
-    fields = a1111_fields(item, result.model_hash, context.versions.get("sdbatch", ""))
+    fields = a1111_fields(item, result.model_hash, context.versions.get("sdbatch", ""),
+                          getattr(context.job, "plugins", None))
     return format_parameters(item.prompt, item.negative_prompt, fields)
 
 
@@ -82,10 +83,10 @@ class LossyOptions:
 
 
 class JpegWriter(ImageWriter):
-    """JPEG with the A1111 text in EXIF UserComment, as A1111 stores it."""
+    """JPEG with the A1111 text in EXIF UserComment, as A1111 stores it, and the full record in XMP."""
 
     name = "jpeg"
-    description = "JPEG files with A1111 parameters in EXIF UserComment"
+    description = "JPEG files with A1111 parameters in EXIF UserComment, the full record in XMP"
     Options = LossyOptions
     ext = "jpg"
     format = "JPEG"
@@ -98,12 +99,13 @@ class JpegWriter(ImageWriter):
             exif = Image.Exif()
             exif.get_ifd(0x8769)[0x9286] = encode_user_comment(parameters_text(result, self.context))
             kwargs["exif"] = exif.tobytes()
+            kwargs["xmp"] = record_xmp(record_json(result, self.context))
         result.image.save(buffer, self.format, **kwargs)
 
 
 class WebpWriter(JpegWriter):
     name = "webp"
-    description = "WebP files with A1111 parameters in EXIF UserComment"
+    description = "WebP files with A1111 parameters in EXIF UserComment, the full record in XMP"
     ext = "webp"
     format = "WEBP"
 

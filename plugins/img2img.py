@@ -43,6 +43,10 @@ class Img2ImgConditioner(Conditioner):
     def strength(self, options) -> float:
         return options.strength
 
+    def a1111_fields(self, item, options) -> list:
+        """A1111's ``Denoising strength`` (img2img and inpainting both write it)."""
+        return [("Denoising strength", f"{options.strength:g}")]
+
     def condition(self, items, options, model, state):
         images = self.images(items, options)
         return Img2ImgExtension(state, self.clean_latents(model, images))
@@ -97,6 +101,10 @@ class InpaintConditioner(Img2ImgConditioner):
     description = "repaint the masked part of an input image"
     Options = InpaintOptions
     requires = ("inpaint",)
+
+    def a1111_fields(self, item, options) -> list:
+        """``Denoising strength`` and A1111's ``Mask blur``."""
+        return [*super().a1111_fields(item, options), ("Mask blur", options.mask_blur)]
 
     def condition(self, items, options, model, state):
         import numpy as np

@@ -23,21 +23,30 @@ class Resize(PostProcessor):
     description = "Lanczos resize by scale or to a size"
     Options = ResizeOptions
 
+    def a1111_fields(self, item, options) -> list:
+        """A1111's Extras upscale fields (a resize after generation, not a hires-fix pass)."""
+        if options.scale is not None:
+            return [("Postprocess upscale by", f"{options.scale:g}"), ("Postprocess upscaler", "Lanczos")]
+        size = self.size(item.width, item.height, options)
+        return [("Postprocess upscale to", f"{size[0]}x{size[1]}"), ("Postprocess upscaler", "Lanczos")] if size else []
+
+    def size(self, width: int, height: int, options) -> tuple | None:
+        """The output size for an image of this size, or None to keep it."""
+        if options.scale is not None:
+            return round(width * options.scale), round(height * options.scale)
+        if options.width and options.height:
+            return options.width, options.height
+        if options.width:
+            return options.width, round(height * options.width / width)
+        if options.height:
+            return round(width * options.height / height), options.height
+        return None
+
     def apply(self, image, options, item):
         from PIL import Image
 
-        width, height = image.size
-        if options.scale is not None:
-            size = (round(width * options.scale), round(height * options.scale))
-        elif options.width and options.height:
-            size = (options.width, options.height)
-        elif options.width:
-            size = (options.width, round(height * options.width / width))
-        elif options.height:
-            size = (round(width * options.height / height), options.height)
-        else:
-            return image
-        return image.resize(size, Image.Resampling.LANCZOS)
+        size = self.size(*image.size, options)
+        return image.resize(size, Image.Resampling.LANCZOS) if size else image
 
 
 @dataclass

@@ -115,6 +115,16 @@ class Plugin:
         """The family capabilities a use with these options needs (default: ``requires``)."""
         return self.requires
 
+    def a1111_fields(self, item, options) -> list:
+        """(name, value) pairs a conditioner or post-processor adds to an item's A1111 ``parameters`` text.
+
+        Called by the image writers with the item and this use's parsed Options; in order.
+        A name in A1111's own field list (``Denoising strength``) goes where A1111 puts it, any
+        other after A1111's fields; ``{n}`` in a name numbers repeated units from 0
+        (``ControlNet {n}`` -> ``ControlNet 0``, ``ControlNet 1``). Values are text or numbers.
+        """
+        return []
+
 
 @dataclass
 class ModelInfo:

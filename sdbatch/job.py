@@ -150,6 +150,7 @@ class Job:
     plan: Plan
     uses: dict  # job key -> list[PluginUse] (names resolved, options as plain data)
     writers: list  # (Writer class, Options instance, PluginUse)
+    plugins: dict = field(default_factory=dict)  # kind -> name -> the conditioner/postprocessor objects used
 
     @property
     def filename(self) -> str:
@@ -204,6 +205,14 @@ class _Validator:
     def fail(self, path: KeyPath, message: str) -> None:
         self.checker.fail(path, message)
 
+    def _plugin_objects(self, uses: dict) -> dict:
+        """The conditioner and post-processor objects a job uses, for writers (A1111 fields)."""
+        found = {}
+        for key, kind in (("conditioners", "conditioner"), ("postprocess", "postprocessor")):
+            entries = {use.name: self.registry.get(kind, use.name) for use in uses[key]}
+            found[kind] = {name: entry.obj for name, entry in entries.items() if entry is not None}
+        return found
+
     def run(self) -> Job:
         spec = self.spec
         self.positions: dict[str, list[int]] = {}  # job key -> list index of each valid use
@@ -237,7 +246,8 @@ class _Validator:
             postprocess=tuple(uses["postprocess"]), timeline=timeline, edit=edit, inputs=inputs,
             batch_options=self._batch_options(uses),
         )
-        job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers])
+        job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers],
+                  self._plugin_objects(uses))
         for writer_class, options, use, index in writers:
             for message in writer_class.check(options, job):
                 self.fail(("outputs", index, use.name), message)

@@ -30,8 +30,12 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def a1111_fields(item, model_hash: str = "", version: str = "") -> dict:
-    """The A1111 fields for an item, in A1111's order, then sdbatch extras, then Version."""
+def a1111_fields(item, model_hash: str = "", version: str = "", plugins: dict | None = None) -> dict:
+    """The A1111 fields for an item, in A1111's order, then plugins' extras, sdbatch's, then Version.
+
+    ``plugins`` (kind -> name -> plugin object, as ``Job.plugins``) lets the item's conditioners
+    and post-processors add their fields (``Plugin.a1111_fields``).
+    """
     sampler, schedule = item.sampler, None
     for suffix in SCHEDULE_SUFFIXES:
         if sampler.endswith(" " + suffix):
@@ -49,12 +53,32 @@ def a1111_fields(item, model_hash: str = "", version: str = "") -> dict:
         "Clip skip": clip_skip if clip_skip and clip_skip > 1 else None,
         "RNG": "CPU",  # sdbatch draws all noise on CPU; A1111 reproduces it with RNG: CPU
     }
+    extras = {}
+    for key, value in plugin_fields(item, plugins or {}):
+        (fields if key in A1111_ORDER else extras)[key] = value
     ordered = {k: fields[k] for k in A1111_ORDER if fields.get(k) is not None}
+    ordered.update({k: v for k, v in extras.items() if v is not None})
     ordered.update(_animation_fields(item))
     ordered["sdbatch id"] = item.id
     if version:
         ordered["Version"] = f"sdbatch {version}"
     return ordered
+
+
+def plugin_fields(item, plugins: dict) -> list:
+    """(name, value) pairs from the item's conditioners, then post-processors, in job order."""
+    pairs, counters = [], {}
+    for kind, uses in (("conditioner", item.conditioners), ("postprocessor", item.postprocess)):
+        for use in uses:
+            plugin = plugins.get(kind, {}).get(use.name)
+            if plugin is None:
+                continue
+            for key, value in plugin.a1111_fields(item, plugin.parse_options(use.options)):
+                if "{n}" in key:  # repeated units (ControlNet 0, ControlNet 1) count from 0
+                    counters[key] = counters.get(key, -1) + 1
+                    key = key.replace("{n}", str(counters[key]))
+                pairs.append((key, _number(value) if isinstance(value, float) else value))
+    return pairs
 
 
 def _animation_fields(item) -> dict:
@@ -121,7 +145,7 @@ def read_image_metadata(path: str | Path) -> dict:
 
     with Image.open(path) as image:
         text = image.info.get("parameters")
-        record = image.info.get("sdbatch")
+        record = image.info.get("sdbatch") or read_record_xmp(image.info.get("xmp"))
         if text is None:
             comment = image.getexif().get_ifd(0x8769).get(0x9286)
             text = decode_user_comment(comment) if comment else None
@@ -129,6 +153,34 @@ def read_image_metadata(path: str | Path) -> dict:
     if text:
         result["parsed"] = parse_parameters(text)
     return result
+
+
+#: The XMP namespace of sdbatch's record in JPEG and WebP files (PNG keeps it in a text chunk).
+XMP_NAMESPACE = "https://github.com/sdbatch/sdbatch/ns/record/1.0/"
+_XMP_RECORD = re.compile(r"<sdbatch:record>(.*?)</sdbatch:record>", re.S)
+
+
+def record_xmp(record: str) -> bytes:
+    """An XMP packet holding the JSON record as one property (JPEG's XMP segment holds ~64 KB)."""
+    from xml.sax.saxutils import escape
+
+    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" xmlns:sdbatch="{XMP_NAMESPACE}">'
+            f'<sdbatch:record>{escape(record)}</sdbatch:record>'
+            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
+
+
+def read_record_xmp(xmp) -> str | None:
+    """The JSON record from an XMP packet that ``record_xmp`` wrote (found by pattern: no XML parser
+    runs on a file's bytes)."""
+    import html
+
+    if not xmp:
+        return None
+    text = xmp.decode("utf-8", errors="replace") if isinstance(xmp, bytes) else str(xmp)
+    match = _XMP_RECORD.search(text)
+    return html.unescape(match.group(1)) if match else None
 
 
 def encode_user_comment(text: str) -> bytes:

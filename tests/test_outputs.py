@@ -245,14 +245,11 @@ def test_run_writes_png_jpeg_webp_with_metadata_and_resumes(write_job, tiny_mode
             assert parsed["Size"] == f"{item['width']}x{item['height']}" == "64x64"
             assert parsed["sdbatch id"] == entry["id"]
             assert parsed["Model hash"] == entry["item"]["model_hash"] and parsed["Model hash"]
-            if path.suffix == ".png":
-                record = meta["record"]
-                assert record["id"] == entry["id"]
-                assert record["seed"] == item["seed"]
-                assert record["model_hash"] == parsed["Model hash"]
-                assert {"sdbatch", "torch", "diffusers", "python"} <= set(record["versions"])
-            else:
-                assert meta["record"] is None
+            record = meta["record"]  # PNG: a text chunk; JPEG and WebP: XMP
+            assert record["id"] == entry["id"]
+            assert record["seed"] == item["seed"]
+            assert record["model_hash"] == parsed["Model hash"]
+            assert {"sdbatch", "torch", "diffusers", "python"} <= set(record["versions"])
         # The plain-text form of `sdbatch info` prints the parameters.
         png = next(out / f["path"] for f in entry["files"] if f["path"].endswith(".png"))
         assert main(["info", str(png)]) == 0
