@@ -11,7 +11,7 @@ from sdbatch.api import Writer
 from sdbatch.metadata import a1111_fields, encode_user_comment, format_parameters, record_xmp
 from sdbatch.output import check_template, render_template
 
-DEFAULT_PATH = "{prompt_slug}/{seed}-{id}.{ext}"
+DEFAULT_PATH = "{prompt_slug}/{seed}{axes}-{id}.{ext}"  # {axes}: the other sweep axes' values, if any
 
 
 def parameters_text(result, context) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import textwrap
 from dataclasses import dataclass, field
 
 from sdbatch import hookimpl
@@ -74,7 +73,7 @@ class XYZGrid(Writer):
                 cells = [[files.get(_key({**fixed, **z, **y, **x})) for x in positions[opts.x]] for y in rows]
                 if not any(cell is not None for row in cells for cell in row):
                     continue
-                grid = self._compose(cells, values, Image)
+                grid = self._compose(cells, values, {**fixed, **z}, Image)
                 shown = [v for part in rest for v in part.values()] + list(z.values())
                 relpath = self._unique_path(written, "-".join(_short(v) for v in shown) or "all")
                 buffer = io.BytesIO()
@@ -91,7 +90,7 @@ class XYZGrid(Writer):
             count += 1
         return relpath
 
-    def _compose(self, cells, values, Image):
+    def _compose(self, cells, values, fixed: dict, Image):
         from PIL import ImageDraw, ImageFont
 
         opts = self.options
@@ -99,24 +98,27 @@ class XYZGrid(Writer):
         with Image.open(first) as probe:
             cell_w, cell_h = probe.size[0] * opts.scale, probe.size[1] * opts.scale
         font = ImageFont.load_default(size=opts.font_size)
-        x_labels = axis_labels(opts.x, values[opts.x])
-        y_labels = axis_labels(opts.y, values[opts.y]) if opts.y else []
-        wrap = max(8, cell_w // max(1, opts.font_size // 2))
+        columns = len(cells[0])
+        grid_w = columns * cell_w + (columns - 1) * opts.margin
+        text = grid_text(opts, values, fixed, font.getlength, cell_w, max(grid_w, TITLE_WIDTH))
         line_h = opts.font_size + 4
-        top = line_h * max(len(_wrap(t, wrap)) for t in x_labels) + 8
-        left = (max(int(font.getlength(t)) for t in y_labels) + 16) if y_labels else 0
-        width = left + len(x_labels) * cell_w + (len(x_labels) - 1) * opts.margin
+        title_h = line_h * len(text.title) + 8 if text.title else 0
+        top = title_h + line_h * max(len(lines) for lines in text.columns) + 8
+        left = (max(int(font.getlength(t)) for t in text.rows) + 16) if text.rows else 0
+        width = max(left + grid_w, max((int(font.getlength(t)) + 8 for t in text.title), default=0))
         height = top + len(cells) * cell_h + (len(cells) - 1) * opts.margin
         grid = Image.new("RGB", (width, height), "white")
         draw = ImageDraw.Draw(grid)
-        for col, text in enumerate(x_labels):
+        for n, line in enumerate(text.title):
+            draw.text((4, 4 + n * line_h), line, fill="black", font=font)
+        for col, lines in enumerate(text.columns):
             x0 = left + col * (cell_w + opts.margin)
-            for n, line in enumerate(_wrap(text, wrap)):
-                draw.text((x0 + cell_w / 2, 4 + n * line_h), line, fill="black", font=font, anchor="mt")
+            for n, line in enumerate(lines):
+                draw.text((x0 + cell_w / 2, title_h + 4 + n * line_h), line, fill="black", font=font, anchor="mt")
         for row, cells_row in enumerate(cells):
             y0 = top + row * (cell_h + opts.margin)
-            if y_labels:
-                draw.text((left - 8, y0 + cell_h / 2), y_labels[row], fill="black", font=font, anchor="rm")
+            if text.rows:
+                draw.text((left - 8, y0 + cell_h / 2), text.rows[row], fill="black", font=font, anchor="rm")
             for col, cell in enumerate(cells_row):
                 if cell is not None:
                     with Image.open(cell) as image:
@@ -124,6 +126,39 @@ class XYZGrid(Writer):
                         grid.paste(cell_image, (left + col * (cell_w + opts.margin), y0))
         return grid
 
+
+#: Titles wrap at this width at least (pixels), so a narrow strip's title stays readable.
+TITLE_WIDTH = 360
+
+
+@dataclass
+class GridText:
+    """Everything a grid shows in words: title lines, each column's label lines, each row's label."""
+
+    title: list
+    columns: list
+    rows: list
+
+
+def grid_text(opts, values: dict, fixed: dict, measure, cell_w: int, title_w: int) -> GridText:
+    """The grid's words. The title names what holds for the whole grid: the values of the axes not
+    shown (a strip's direction), the text every label of an axis shares (dropped from the labels),
+    and an axis name too wide for its column labels. Lines break between words, never inside one."""
+    title = [f"{name}: {value}" for name, value in fixed.items()]
+    columns = axis_labels(opts.x, values[opts.x])
+    if any(measure(word) > cell_w for label in columns for word in label.split()) and opts.x not in PROMPT_AXES:
+        columns = [str(v) for v in values[opts.x]]  # "colorgrade.saturation: 1" does not fit: name it once
+        title.append(f"columns: {opts.x}")
+    rows = axis_labels(opts.y, values[opts.y]) if opts.y else []
+    for name in (opts.x, opts.y):
+        shared = shared_text(name, values[name]) if name else None
+        if shared:
+            title.append(f"{name}: {shared}")
+    return GridText([line for text in title for line in wrap_words(text, measure, title_w)],
+                    [wrap_words(label, measure, cell_w) for label in columns], rows)
+
+
+PROMPT_AXES = ("prompt", "negative_prompt")
 
 def _axis_of(plan, name: str):
     return next(axis for axis in plan.axes if name in axis.names)
@@ -146,20 +181,48 @@ def _key(axes: dict) -> tuple:
 
 def axis_labels(name: str, values: list) -> list[str]:
     """Column or row labels; prompts show only the words that differ between them."""
-    if name not in ("prompt", "negative_prompt"):
+    if name not in PROMPT_AXES:
         return [f"{name}: {v}" for v in values]
     words = [str(v).split() for v in values]
-    if len(words) < 2:
+    head, tail = _shared_ends(words)
+    if head is None:
         return [str(v) for v in values]
+    return [" ".join(w[head: len(w) - tail]) or str(v) for w, v in zip(words, values)]
+
+
+def shared_text(name: str, values: list) -> str | None:
+    """What every prompt label leaves out, with "…" where the labels' words go; None if nothing."""
+    if name not in PROMPT_AXES:
+        return None
+    words = [str(v).split() for v in values]
+    head, tail = _shared_ends(words)
+    if not head and not tail:
+        return None
+    first = words[0]
+    return " ".join([*first[:head], "…", *first[len(first) - tail:]])
+
+
+def _shared_ends(words: list) -> tuple:
+    """How many leading and trailing words every value shares (None, None for fewer than two)."""
+    if len(words) < 2:
+        return None, None
     shortest = min(len(w) for w in words)
     head = next((i for i in range(shortest) if len({tuple(w[: i + 1]) for w in words}) > 1), shortest)
     tail = next((i for i in range(shortest - head) if len({tuple(w[len(w) - i - 1:]) for w in words}) > 1),
                 shortest - head)
-    return [" ".join(w[head: len(w) - tail]) or str(v) for w, v in zip(words, values)]
+    return head, tail
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    return textwrap.wrap(text, width) or [""]  # long words break: a label never spills into the next
+def wrap_words(text: str, measure, width: float) -> list[str]:
+    """Lines no wider than ``width`` (as ``measure`` says), broken only between words: a word
+    wider than the line stands alone on its line rather than being cut."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and measure(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def _short(value) -> str:

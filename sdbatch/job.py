@@ -6,6 +6,7 @@ see README.md ("Job file reference") for a commented example.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -534,7 +535,7 @@ class _Validator:
                 entry.update(image=source.image, image_sha256=file_sha256(source.image))
                 label = f"{number}: {Path(source.image).name}"
             else:
-                label = f"{number}: {prompt[:40]} (seed {seed})"
+                label = f"{number}: {textwrap.shorten(prompt, 40, placeholder=' …')} (seed {seed})"
             plan.sources[label] = entry
         for index, raw in enumerate(edit.directions):
             self._direction(plan, dict(raw), base + ("directions", index))

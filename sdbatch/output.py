@@ -26,7 +26,7 @@ TEMP_MARK = ".sdbatch-tmp"
 #: Fields a path template may use.
 TEMPLATE_FIELDS = {
     "id", "index", "seed", "prompt_slug", "template_slug", "steps", "guidance", "sampler",
-    "width", "height", "model", "ext", "job", "frame",
+    "width", "height", "model", "ext", "job", "frame", "axes",
 }
 
 
@@ -77,7 +77,26 @@ def template_values(item, ext: str, job_name: str = "job") -> dict:
         "guidance": f"{item.guidance:g}", "sampler": _slug(item.sampler), "width": item.width,
         "height": item.height, "model": _slug(Path(item.model).stem or item.model), "ext": ext,
         "job": _slug(job_name), "frame": item.extra.get("animation", {}).get("frame", item.index),
+        "axes": axes_slug(item),
     }
+
+
+#: Axes the default image path shows by themselves ({prompt_slug}, {seed}; an edit's source is both).
+_NAMED_AXES = ("prompt", "seed", "source")
+
+
+def axes_slug(item, limit: int = 24) -> str:
+    """``_name=value`` for each sweep axis of the item beyond prompt and seed, values cut between
+    words: items that differ only there (an edit's strengths and directions) get distinct names."""
+    parts = []
+    for name, value in item.axes.items():
+        if name in _NAMED_AXES:
+            continue
+        text = _slug(value)
+        if len(text) > limit:
+            text = (text[:limit].rsplit("_", 1)[0] if "_" in text[:limit] else text[:limit]).rstrip("_-.")
+        parts.append(f"_{_slug(name)}={text}")
+    return "".join(parts)
 
 
 def render_template(template: str, item, ext: str, job_name: str = "job") -> str:

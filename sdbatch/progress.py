@@ -37,7 +37,7 @@ class Rate:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.rendered = 0
-        self._first: float | None = None  # when the first item finished
+        self._first: float | None = None  # when the current burst began
         self._last: float | None = None  # when the latest item finished
         self._samples: collections.deque = collections.deque()
 
@@ -47,8 +47,9 @@ class Rate:
             self._first = now
         elif now - self._last > GAP_SECONDS:  # a new burst: the previous one ended at _last
             self._sample(self._last, self.rendered)
-        elif now - (self._samples[-1][0] if self._samples else self._first) >= SAMPLE_SECONDS:
-            self._sample(now, self.rendered)  # a steady stream
+            self._first = now
+        elif now - max(self._samples[-1][0] if self._samples else 0.0, self._first) >= SAMPLE_SECONDS:
+            self._sample(now, self.rendered)  # a steady stream, going for a while
         self._last = now
         self.rendered += count
 
@@ -69,11 +70,40 @@ class Rate:
         return (last - first) / (ended - began)
 
 
+#: A run with more items than this to render says it is big in its first line.
+BIG_ITEMS = 10_000
+
+
+def previous_rate(summary_path) -> float:
+    """Items per second of the last run into the same folder (its summary.json), or 0."""
+    import json
+    from pathlib import Path
+
+    try:
+        summary = json.loads(Path(summary_path).read_text())
+        return summary["rendered"] / summary["render_seconds"] if summary.get("render_seconds") else 0.0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0.0
+
+
+def start_line(title: str, total: int, done: int, rate: float = 0.0, label: str = "items") -> str:
+    """What a run says first: how many items it will render and, where known, how long that takes."""
+    todo = total - done
+    line = f"sdbatch: {title}: {todo} {label} to render" + (f", {done} already done" if done else "")
+    if rate > 0 and todo:
+        line += f"; about {_duration(todo / rate)} at the last run's {rate:.2f} {label}/s"
+    elif todo:
+        line += "; the time it takes follows once the first batches are done"
+    if todo > BIG_ITEMS:
+        line += f". A big job: --limit N renders the first N {label}"
+    return line
+
+
 class Progress:
     """Counts finished items against a total; chooses its display from the stream."""
 
     def __init__(self, total: int, initial: int = 0, quiet: bool = False, stream=None, label: str = "items",
-                 clock=time.monotonic):
+                 clock=time.monotonic, title: str = "", history=None):
         self.total, self.done, self.label = total, initial, label
         self.stream = stream or sys.stderr
         self.quiet = quiet
@@ -85,6 +115,10 @@ class Progress:
         self._rate = Rate(clock)
         self._lock = threading.Lock()
         self._note = ""
+        self._measured = False  # the first line with a rate is shown at once, not after the interval
+        if title and not quiet:
+            print(start_line(title, total, initial, previous_rate(history) if history else 0.0, label),
+                  file=self.stream, flush=True)
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
@@ -106,7 +140,9 @@ class Progress:
                 self._last_line = self.clock()
                 self._bar.set_postfix_str(self._postfix(), refresh=False)
             self._bar.update(count)
-        elif not self.quiet and self.clock() - self._last_line >= self.interval:
+        elif not self.quiet and (self.clock() - self._last_line >= self.interval
+                                 or not self._measured and self.rate > 0):
+            self._measured = self.rate > 0
             self._line()
 
     def note(self, text: str) -> None:

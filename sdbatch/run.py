@@ -92,7 +92,8 @@ class LocalExecutor:
             summary.already_done = sum(1 for i in job.plan.items(0, total) if finished(i))
         if Path(job.filename).is_file():  # keep the job beside its outputs
             atomic_write(out.root / "job.yaml", Path(job.filename).read_bytes())
-        progress = Progress(total, summary.already_done, quiet=self.quiet)
+        progress = Progress(total, summary.already_done, quiet=self.quiet, title=self.context.job_name,
+                            history=out.root / SUMMARY)
         entries_of = {w.name: self.registry.require("writer", w.name) for w in writers}  # names plugins in errors
         sink = _WriterThread(writers, out, summary, progress, finished, entries_of)
         try:

@@ -92,3 +92,30 @@ def test_a_steady_stream_is_measured_without_pauses(monkeypatch):
         progress.update(1)
     rates = [_rate(line) for line in _lines(stream)]
     assert rates and all(abs(r - 20) < 0.5 for r in rates), rates
+
+
+def test_the_first_line_says_how_many_items_and_how_long(tmp_path):
+    from sdbatch.progress import start_line
+
+    assert start_line("grid", 24, 0) == (
+        "sdbatch: grid: 24 items to render; the time it takes follows once the first batches are done")
+    summary = tmp_path / "summary.json"
+    summary.write_text('{"rendered": 10, "render_seconds": 4.0}')
+    stream = io.StringIO()
+    Progress(24, 4, stream=stream, title="grid", history=summary)
+    assert stream.getvalue() == "sdbatch: grid: 20 items to render, 4 already done; about 0m08s at the last run's " \
+                                "2.50 items/s\n"
+    assert start_line("grid", 60000, 0, 0.5) == (
+        "sdbatch: grid: 60000 items to render; about 33h20m at the last run's 0.50 items/s. "
+        "A big job: --limit N renders the first N items")
+
+
+def test_the_first_measured_rate_is_shown_at_once(monkeypatch):
+    monkeypatch.setenv("SDBATCH_PROGRESS_INTERVAL", "60")
+    clock, stream = Clock(), io.StringIO()
+    progress = Progress(100, stream=stream, clock=clock)
+    for _ in range(3):  # three batches of 4, 4 s apart: a rate after the second
+        clock.now += 4
+        for _ in range(4):
+            progress.update(1)
+    assert _lines(stream) == ["sdbatch: 9/100 items (9.0%), 1.00 items/s, ETA 1m31s"]
