@@ -301,3 +301,37 @@ def test_resize_and_watermark_and_a_watermark_too_small(write_job, tiny_model, t
     assert failures[0]["id"] != entry["id"]
     assert "at least 256x256" in failures[0]["error"] and "64x64" in failures[0]["error"]
     assert "at least 256x256" in err
+
+
+@pytest.mark.slow
+def test_watermark_limits_stated_in_the_readme(write_job, tmp_path, capsys):
+    """sdbatch-tiny pictures at 256 px: the mark survives PNG and JPEG quality 90, not quality 70."""
+    import io
+
+    from PIL import Image
+
+    from sdbatch_plugins.postprocessors import decode_watermark
+
+    job = write_job("""
+        prompt: "a {large|small} {red|blue} circle in the centre, on a {white|black} background"
+        prompt_sampling: random
+        sweep: {seed: {start: 0, count: 4}}
+        postprocess: [{resize: {scale: 4}}, {watermark: {text: sdbatch}}]
+        outputs: [{png: {path: "{index}.png"}}]
+        """)
+    assert main(["run", str(job), "-o", str(tmp_path / "out"), "-q"]) == 0
+
+    def exact(quality) -> int:
+        count = 0
+        for path in sorted((tmp_path / "out").glob("*.png")):
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+            if quality:
+                buffer = io.BytesIO()
+                image.save(buffer, "JPEG", quality=quality)
+                image = Image.open(buffer)
+            count += decode_watermark(image, 7) == b"sdbatch"
+        return count
+
+    assert exact(None) >= 3 and exact(90) >= 3
+    assert exact(70) <= 1
