@@ -225,10 +225,15 @@ def wrap_words(text: str, measure, width: float) -> list[str]:
     return lines or [""]
 
 
-def _short(value) -> str:
+def _short(value, limit: int = 24) -> str:
+    """A grid file name's part for a value: its slug, cut between words."""
     from sdbatch.plan import slug
 
-    return slug(str(value), 24)
+    text = slug(str(value), 1000)
+    if len(text) <= limit:
+        return text
+    head = text[: limit + 1]
+    return head.rsplit("-", 1)[0] if "-" in head else text[:limit]
 
 
 @hookimpl(trylast=True)

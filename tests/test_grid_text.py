@@ -78,3 +78,11 @@ def test_edit_images_get_distinct_names_that_say_what_they_are(registry):
         "a-red-circle/7_strength=-1.0_direction=2_local_basis_2_2_t_0.6",
         "a-red-circle/7_strength=1.0_direction=2_local_basis_2_2_t_0.6",
     ]
+
+
+def test_grid_file_names_cut_between_words():
+    from sdbatch_plugins.xyz_grid import _short
+
+    assert _short("a large blue circle on the right, on a green background") == "a-large-blue-circle-on"
+    assert _short("seed 7") == "seed-7"
+    assert _short("supercalifragilisticexpialidocious-and-more") == "supercalifragilisticexpi"
