@@ -54,7 +54,7 @@ class ControlOptions:
 
 
 #: The ControlNet extension's names for the resize options (A1111 has no "none": the input's own size).
-RESIZE_MODES = {"crop": "Crop and Resize", "fit": "Resize and Fill", "stretch": "Just Resize", "none": "None"}
+A1111_RESIZE_MODES = {"crop": "Crop and Resize", "fit": "Resize and Fill", "stretch": "Just Resize", "none": "None"}
 
 
 class ControlConditioner(Conditioner):
@@ -75,7 +75,7 @@ class ControlConditioner(Conditioner):
 
         unit = {"Module": "none" if self.name == "image" else self.name,
                 "Model": Path(options.controlnet).stem or options.controlnet, "Weight": f"{options.scale:g}",
-                "Resize Mode": RESIZE_MODES[options.resize], **self.thresholds(options),
+                "Resize Mode": A1111_RESIZE_MODES[options.resize], **self.thresholds(options),
                 "Guidance Start": f"{options.start:g}", "Guidance End": f"{options.end:g}"}
         return [("ControlNet {n}", ", ".join(f"{key}: {value}" for key, value in unit.items()))]
 
