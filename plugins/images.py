@@ -17,6 +17,10 @@ DEFAULT_PATH = "{prompt_slug}/{seed}-{id}.{ext}"
 def parameters_text(result, context) -> str:
     item = result.item
     fields = a1111_fields(item, result.model_hash, context.versions.get("sdbatch", ""))
+    added = (getattr(result, "outputs", None) or {}).get("a1111") or {}
+    if added:  # fields conditioners attached per row (Lora hashes, TI hashes, Hires ...), before sdbatch's own
+        ours = {k: fields.pop(k) for k in ("sdbatch id", "Version") if k in fields}
+        fields = {**fields, **added, **ours}
     return format_parameters(item.prompt, item.negative_prompt, fields)
 
 
