@@ -25,6 +25,7 @@ def _job(write_job, registry, lora_dir, body: str):
     return load_job(write_job(f"""
         prompt: "{PROMPT}"
         seed: 5
+        steps: 10
         lora_dir: {lora_dir}
         {body}
     """), registry)
@@ -48,6 +49,9 @@ def test_weight_and_lora_set_are_sweep_axes_in_ids_and_batch_keys(write_job, reg
         sweep:
           loras[0].weight: [0, 1.0]
           lora: [none, tint]
+        outputs:
+          - png
+          - xyz_grid: {x: "loras[0].weight", y: lora}
     """)
     items = list(job.plan)
     assert [i.axes for i in items] == [{"loras[0].weight": w, "lora": s} for w in (0, 1.0) for s in ("none", "tint")]
@@ -83,7 +87,7 @@ def test_effect_rises_with_weight_and_weight_zero_is_no_lora(write_job, registry
           loras[0].weight: [1.0, 0.0, 0.5]
     """)
     full, zero, half = _render(job, registry)  # weight 0 after weight 1: the adapter is switched off, not scaled
-    plain = load_job(write_job(f'prompt: "{PROMPT}"\nseed: 5\n', "plain.yaml"), registry)
+    plain = load_job(write_job(f'prompt: "{PROMPT}"\nseed: 5\nsteps: 10\n', "plain.yaml"), registry)
     (base,) = _render(plain, registry)
     assert np.array_equal(zero, base)
     assert _green(base) < _green(half) < _green(full) and _green(full) > _green(base) + 8, (_green(base), _green(half), _green(full))
