@@ -211,3 +211,21 @@ def test_sdxl_lora_with_text_encoder_layers(write_job, registry, tiny_sdxl, tmp_
     assert np.array_equal(zero, plain)
     assert not np.array_equal(full, plain) and not np.array_equal(text_only, plain)
     assert not np.array_equal(full, text_only)  # the U-Net weight 0 leaves only the text encoders' layers
+    # same prompt text, LoRA switched off after it was on: the cached text conditioning must not be reused
+    swept = load_job(write_job(f"""
+        model: {tiny_sdxl}
+        prompt: "a red circle"
+        steps: 3
+        loras: [{{path: {folder / 'xl.safetensors'}, weight: 1.0}}]
+        sweep:
+          loras[0].weight: [1.0, 0.0]
+    """, "swept.yaml"), registry)
+    on, off = _render(swept, registry)
+    assert np.array_equal(off, plain) and np.array_equal(on, full)
+
+
+def test_pickled_loras_need_allow_pickle(write_job, registry, lora_dir):
+    (lora_dir / "old.pt").write_bytes(b"not read at validation")
+    with pytest.raises(JobError) as error:
+        _job(write_job, registry, lora_dir, "sweep:\n          lora: [old]")
+    assert "allow_pickle" in str(error.value) and "sweep.lora[0]" in str(error.value)
