@@ -18,6 +18,10 @@ def parameters_text(result, context) -> str:
     item = result.item
     fields = a1111_fields(item, result.model_hash, context.versions.get("sdbatch", ""),
                           getattr(context.job, "plugins", None))
+    added = (getattr(result, "outputs", None) or {}).get("a1111") or {}
+    if added:  # fields conditioners attached per row (Lora hashes, TI hashes ...), before sdbatch's own
+        ours = {k: fields.pop(k) for k in ("sdbatch id", "Version") if k in fields}
+        fields = {**fields, **added, **ours}
     return format_parameters(item.prompt, item.negative_prompt, fields)
 
 

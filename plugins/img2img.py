@@ -109,15 +109,12 @@ class InpaintConditioner(Img2ImgConditioner):
     def condition(self, items, options, model, state):
         import numpy as np
         import torch
-        from PIL import Image, ImageFilter, ImageOps
+        from PIL import Image, ImageFilter
 
         originals = self.images(items, options)
         factor = model.vae_scale_factor
         masks, overlays = [], []
-        for item, opts, original in zip(items, options, originals):
-            mask = load_image(input_file(item, opts.mask), item.width, item.height, opts.resize, mode="L")
-            if opts.invert_mask:
-                mask = ImageOps.invert(mask)
+        for item, opts, original, mask in zip(items, options, originals, self.mask_images(items, options)):
             if opts.mask_blur:
                 mask = mask.filter(ImageFilter.GaussianBlur(opts.mask_blur))
             latent_size = (item.width // factor, item.height // factor)
@@ -126,6 +123,14 @@ class InpaintConditioner(Img2ImgConditioner):
             overlays.append(_overlay(original, mask) if opts.overlay else None)
         masks = torch.stack(masks).to(model.device, model.dtype)
         return InpaintExtension(state, self.clean_latents(model, originals), masks, overlays)
+
+    def mask_images(self, items, options) -> list:
+        """Each item's mask (mode L, white repaints) at the item's size."""
+        from PIL import ImageOps
+
+        masks = [load_image(input_file(item, opts.mask), item.width, item.height, opts.resize, mode="L")
+                 for item, opts in zip(items, options)]
+        return [ImageOps.invert(m) if opts.invert_mask else m for m, opts in zip(masks, options)]
 
     def check(self, options, job) -> list[str]:
         return [] if options.mask else ["inpaint needs a mask: an image where white is repainted"]

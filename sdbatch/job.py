@@ -6,6 +6,7 @@ see README.md ("Job file reference") for a commented example.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import textwrap
 from dataclasses import dataclass, field
@@ -99,6 +100,15 @@ class MemorySpec:
 
 
 @dataclass
+class LoraSpec:
+    """One entry of ``loras:`` (the lora plugin reads it)."""
+
+    path: str | None = field(default=None, metadata=_m(file=True, help="a LoRA .safetensors file"))
+    name: str | None = field(default=None, metadata=_m(help="a LoRA name in lora_dir"))
+    weight: float = field(default=1.0, metadata=_m(min=-10.0, max=10.0))
+
+
+@dataclass
 class JobSpec:
     """The top level of a job file."""
 
@@ -136,6 +146,10 @@ class JobSpec:
     conditioners: Any = field(default_factory=lambda: ["text"])
     postprocess: Any = field(default_factory=list)
     outputs: Any = field(default_factory=lambda: ["png"])
+    # LoRAs and embeddings (issue 15): they become the lora / embeddings conditioners, run first
+    lora_dir: str | None = field(default=None, metadata=_m(folder=True, help="where <lora:NAME:w> names resolve"))
+    loras: list[LoraSpec] = field(default_factory=list)
+    embeddings: str | None = field(default=None, metadata=_m(folder=True, help="textual-inversion embeddings, used by name"))
 
 
 #: Item fields a sweep can vary directly: name -> (type, metadata)
@@ -151,6 +165,9 @@ FIELD_AXES: dict[str, tuple[Any, dict]] = {
     "size": (str, {"help": "WIDTHxHEIGHT, e.g. 512x768"}),
     "model": (str, {}),
 }
+
+#: sweep axes of the LoRA job keys (besides ``loras[N].weight``)
+NETWORK_AXES = ("lora",)
 
 #: plugin-use list key in the job -> registry kind
 USE_KINDS = {"conditioners": "conditioner", "postprocess": "postprocessor", "outputs": "writer"}
@@ -248,6 +265,7 @@ class _Validator:
             self.fail(("name",), name_problem)
         if spec.animation is not None and spec.edit is not None:
             self.fail(("edit",), "a job is either an animation or an edit, not both")
+        self._network_uses(spec, uses)
         writers = self._writers(uses["outputs"])
         self._sampler(spec.sampler, ("sampler",))
         if spec.model_family is not None and self.registry.get("family", spec.model_family) is None:
@@ -267,6 +285,7 @@ class _Validator:
             base=spec, axes=axes, models=models, conditioners=tuple(uses["conditioners"]),
             postprocess=tuple(uses["postprocess"]), timeline=timeline, edit=edit, inputs=inputs,
             batch_options=self._batch_options(uses),
+            option_axes={name: axis[2] for name, axis in self._network_axes(spec, uses).items()},
         )
         if plan.size > MAX_ITEMS:  # len() would overflow past 2**63; no run gets near this anyway
             self.fail(("sweep",) if spec.sweep else (),
@@ -277,18 +296,54 @@ class _Validator:
             self._plugin_check(("outputs", index, use.name), lambda: writer_class.check(options, job))
         for index, use in zip(self.positions["conditioners"], uses["conditioners"]):
             conditioner = self.registry.get("conditioner", use.name).obj
-            self._plugin_check(("conditioners", index, use.name),
-                               lambda: conditioner.check(conditioner.parse_options(use.options), job))
+            where = index if isinstance(index, tuple) else ("conditioners", index, use.name)
+            self._plugin_check(where, lambda: conditioner.check(conditioner.parse_options(use.options), job))
         return job
 
     def _plugin_check(self, path: KeyPath, check) -> None:
-        """A plugin's problems with its use; a file it cannot read (a path it stats) is one too."""
+        """A plugin's problems with its use; a file it cannot read (a path it stats) is one too.
+
+        A problem may be ``(key path, message)``: at another line of the job (a LoRA named in a prompt)."""
         try:
             messages = check()
         except OSError as exc:
             messages = [f"cannot read {shorten(str(exc.filename or ''))}: {exc.strerror or exc}"]
         for message in messages:
-            self.fail(path, message)
+            if isinstance(message, tuple):
+                self.fail(*message)
+            else:
+                self.fail(path, message)
+
+    # -- LoRAs and embeddings (issue 15) ------------------------------------------------
+    def _network_uses(self, spec: JobSpec, uses: dict) -> None:
+        """Job keys for LoRAs and embeddings as conditioner uses put first (they change the model text encodes
+        with); their position is the job key, for messages."""
+        prompts = [spec.prompt, *(p for p in spec.sweep.get("prompt") or [] if isinstance(p, str))]
+        found = []
+        if (spec.loras or spec.lora_dir or any(k in NETWORK_AXES or k.startswith("loras[") for k in spec.sweep)
+                or any("<lora:" in p for p in prompts)):
+            found.append((("loras",) if spec.loras else ("lora_dir",), PluginUse("lora", {
+                "loras": [dataclasses.asdict(ref) for ref in spec.loras], "lora_dir": spec.lora_dir, "set": "",
+                "allow_pickle": spec.allow_pickle})))
+        if spec.embeddings:
+            found.append((("embeddings",), PluginUse("embeddings", {"folder": spec.embeddings,
+                                                                     "allow_pickle": spec.allow_pickle})))
+        positions = self.positions.setdefault("conditioners", [])
+        for path, use in reversed(found):
+            if self.registry.get("conditioner", use.name) is None:
+                self.fail(path, self.registry.unknown_message("conditioner", use.name))
+                continue
+            uses["conditioners"].insert(0, use)
+            positions.insert(0, path)
+
+    def _network_axes(self, spec: JobSpec, uses: dict) -> dict:
+        """``lora: [none, a, b]`` and ``loras[N].weight`` sweep axes: name -> (type, meta, option path)."""
+        if not any(use.name == "lora" for use in uses["conditioners"]):
+            return {}
+        axes = {"lora": (str, {}, ("lora", "set"))}
+        for index in range(len(spec.loras)):
+            axes[f"loras[{index}].weight"] = (float, {"min": -10.0, "max": 10.0}, ("lora", "loras", index, "weight"))
+        return axes
 
     # -- input images ------------------------------------------------------------------
     def _input_files(self, uses: dict, timeline) -> InputFiles:
@@ -460,7 +515,8 @@ class _Validator:
             for family in families.values():
                 for capability in required:
                     if capability not in family.capabilities:
-                        self.fail(("conditioners", index, use.name), family.why_not(capability))
+                        self.fail(index if isinstance(index, tuple) else ("conditioners", index, use.name),
+                                  family.why_not(capability))
         directions = spec.edit.directions if spec.edit is not None and isinstance(spec.edit.directions, list) else []
         for index, raw in enumerate(directions):
             kind = raw.get("kind") if isinstance(raw, dict) else None
@@ -687,6 +743,7 @@ class _Validator:
 
     def _axis_targets(self, uses: dict) -> dict:
         targets = dict(FIELD_AXES)
+        targets.update({name: (tp, meta) for name, (tp, meta, _) in self._network_axes(self.spec, uses).items()})
         for key in ("conditioners", "postprocess"):
             for use in uses[key]:
                 plugin = self.registry.get(USE_KINDS[key], use.name).obj

@@ -222,8 +222,10 @@ class Plan:
     """Items in a fixed order: the first axis varies slowest, the last fastest."""
 
     def __init__(self, base, axes: list[Axis], models: dict, conditioners=(), postprocess=(), timeline=None,
-                 edit=None, inputs=None, batch_options=None):
+                 edit=None, inputs=None, batch_options=None, option_axes=None):
         self.base = base
+        # axis name -> (plugin name, option, [index, key ...]): axes named by job keys (``loras[0].weight``)
+        self.option_axes = option_axes or {}
         self.inputs = inputs  # an inputs.InputFiles: which options name images (hashed into extra)
         self.batch_options = batch_options or {}  # conditioner -> options a batch must share
         self.timeline = timeline  # an animation.Timeline: frames become the last (fastest) axis
@@ -324,7 +326,7 @@ class Plan:
             # settings that change how the model computes: part of the id (defaults add nothing, ids stay)
             extra["model"] = {"family": info.family, "t5": info.memory.get("t5"),
                               "vae_tiling": info.memory.get("vae_tiling")}
-        fields["conditioners"] = _with_options(self.conditioners, values)
+        fields["conditioners"] = _with_options(self.conditioners, values, self.option_axes)
         fields["postprocess"] = _with_options(self.postprocess, values)
         if self.inputs:
             files = self.inputs.of(fields["conditioners"], values.get("frame"))
@@ -339,13 +341,27 @@ class Plan:
         return fields
 
 
-def _with_options(uses: tuple, values: dict) -> tuple:
-    """Plugin uses with swept options (``<name>.<option>`` axes) applied."""
-    if not any("." in key for key in values):
+def _with_options(uses: tuple, values: dict, option_axes: dict | None = None) -> tuple:
+    """Plugin uses with swept options (``<name>.<option>`` axes, and ``option_axes`` paths) applied."""
+    option_axes = option_axes or {}
+    if not any("." in key or key in option_axes for key in values):
         return uses
     result = []
     for use in uses:
         prefix = use.name + "."
         changed = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
-        result.append(replace(use, options={**use.options, **changed}) if changed else use)
+        options = {**use.options, **changed}
+        for key, path in option_axes.items():
+            if key in values and path[0] == use.name:
+                options = _set_path(options, path[1:], values[key])
+        result.append(replace(use, options=options) if options != use.options else use)
     return tuple(result)
+
+
+def _set_path(data, path: tuple, value):
+    """A copy of nested dicts/lists with ``data[path[0]][path[1]]... = value``."""
+    if not path:
+        return value
+    copy = list(data) if isinstance(data, list) else dict(data)
+    copy[path[0]] = _set_path(data[path[0]], path[1:], value)
+    return copy

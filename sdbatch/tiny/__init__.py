@@ -29,4 +29,9 @@ def depth_estimator_path() -> Path:
     return Path(__file__).resolve().parent / "depth-estimator"
 
 
-__all__ = ["MODEL_NAME", "model_path", "controlnet_path", "depth_estimator_path"]
+def lora_path() -> Path:
+    """The shipped example LoRA for sdbatch-tiny (diffusers format): a green tint (``train_lora`` makes it)."""
+    return Path(__file__).resolve().parent / "lora" / "tint.safetensors"
+
+
+__all__ = ["MODEL_NAME", "model_path", "controlnet_path", "depth_estimator_path", "lora_path"]
