@@ -245,6 +245,11 @@ class _Validator:
             found[kind] = {name: entry.obj for name, entry in entries.items() if entry is not None}
         return found
 
+    def _family_objects(self, models: dict) -> dict:
+        """Model reference -> its Family object, for writers (A1111 fields that depend on the family)."""
+        return {ref: self.registry.get("family", info.family).obj for ref, info in models.items()
+                if info.family and self.registry.get("family", info.family) is not None}
+
     def run(self) -> Job:
         spec = self.spec
         self.positions: dict[str, list[int]] = {}  # job key -> list index of each valid use
@@ -291,7 +296,7 @@ class _Validator:
             self.fail(("sweep",) if spec.sweep else (),
                       f"the plan has {plan.size:.3g} items; the limit is {MAX_ITEMS:,}")
         job = Job(spec, self.source, plan, uses, [(cls, options, use) for cls, options, use, _ in writers],
-                  self._plugin_objects(uses))
+                  {**self._plugin_objects(uses), "family": self._family_objects(models)})
         for writer_class, options, use, index in writers:
             self._plugin_check(("outputs", index, use.name), lambda: writer_class.check(options, job))
         for index, use in zip(self.positions["conditioners"], uses["conditioners"]):

@@ -54,6 +54,11 @@ def a1111_fields(item, model_hash: str = "", version: str = "", plugins: dict | 
         "RNG": "CPU",  # sdbatch draws all noise on CPU; A1111 reproduces it with RNG: CPU
     }
     extras = {}
+    family = (plugins or {}).get("family", {}).get(item.model)
+    if family is not None and "cfg" not in family.capabilities:
+        # guidance-distilled (FLUX.1): the scale is an input, not CFG; Forge writes it this way
+        fields["CFG scale"] = "1"
+        extras["Distilled CFG Scale"] = _number(item.guidance)
     for key, value in plugin_fields(item, plugins or {}):
         (fields if key in A1111_ORDER else extras)[key] = value
     ordered = {k: fields[k] for k in A1111_ORDER if fields.get(k) is not None}

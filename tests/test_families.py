@@ -350,3 +350,14 @@ def test_an_sdxl_controlnet_steers_and_scale_0_is_no_control(write_job, registry
     without = np.asarray(Renderer(registry, "cpu", "float32", plain.plan.models).render(list(plain.plan))[0].image)
     assert np.array_equal(pixels[0.0], without)
     assert not np.array_equal(pixels[1.0], without)
+
+
+def test_flux_images_record_distilled_guidance_as_forge_does(write_job, registry, tiny_flux, tmp_path):
+    from sdbatch.metadata import a1111_fields
+
+    job = load_job(_job(write_job, tiny_flux, "flux", seeds=(3,)), registry)
+    fields = a1111_fields(job.plan.item_at(0), "abc", "0.1", job.plugins)
+    assert fields["CFG scale"] == "1" and fields["Distilled CFG Scale"] == "3.5"
+    plain = load_job(write_job("prompt: x\nguidance: 5\n", "plain.yaml"), registry)  # sdbatch-tiny: real CFG
+    fields = a1111_fields(plain.plan.item_at(0), "abc", "0.1", plain.plugins)
+    assert fields["CFG scale"] == "5" and "Distilled CFG Scale" not in fields
