@@ -6,6 +6,10 @@ in the output folder; when every item of a shard is staged or has failed, the sh
 packed: the tar and the Parquet file are written under temporary names and renamed,
 then the ``{shard}_stats.json`` marker is written last and the staged files removed.
 A shard with a marker is finished; its items are not rendered again.
+
+Staging runs in parallel (writer threads, Ray workers): whoever stages a shard's last
+sample packs it, after claiming it with a file created exclusively, so it is packed once;
+a claim left by a killed packer is a temporary, and the run's ``finish`` packs that shard.
 Shards go through fsspec, so ``url:`` may be a bucket (``s3://...``) or ``memory://``.
 """
 
@@ -13,11 +17,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from sdbatch import hookimpl
 from sdbatch.api import Writer
+from sdbatch.output import TEMP_MARK
 
 STAGING = ".dataset-staging"
 
@@ -36,6 +42,7 @@ class WebDatasetWriter(Writer):
     name = "webdataset"
     description = "WebDataset tar shards + Parquet metadata per shard"
     Options = DatasetOptions
+    parallel = True  # staging state lives in the output folder, not in this instance
 
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
@@ -45,8 +52,11 @@ class WebDatasetWriter(Writer):
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.fs.makedirs(self.root, exist_ok=True)
         self.total = len(context.job.plan)
-        self.finished = {int(p.rsplit("/", 1)[-1][:5]) for p in self.fs.glob(f"{self.root}/*_stats.json")}
-        self.staged: dict[int, set] = {}
+        self.finished = self._markers()
+
+    def _markers(self) -> set:
+        """Shards with a stats marker: finished."""
+        return {int(p.rsplit("/", 1)[-1][:5]) for p in self.fs.glob(f"{self.root}/*_stats.json")}
 
     # -- planning ------------------------------------------------------------------------
     def shard_of(self, index: int) -> int:
@@ -74,33 +84,56 @@ class WebDatasetWriter(Writer):
         out = self.context.out
         files = [out.write_bytes(f"{folder}/{item.index:09d}.{self.options.format}", image, item.id, self.name),
                  out.write_bytes(f"{folder}/{item.index:09d}.json", json.dumps(record).encode(), item.id, self.name)]
-        self._staged(shard).add(item.index)
-        if len(self._staged(shard)) == len(self.shard_indices(shard)):
+        if len(self._staged(shard)) == len(self.shard_indices(shard)) and self._claim(shard):
             self.pack(shard, failures={})
         return [f.to_json() for f in files]
 
     def _staged(self, shard: int) -> set:
-        if shard not in self.staged:
-            folder = self.context.out.root / STAGING / f"{shard:05d}"
-            names = [p.name for p in folder.glob("*.json")] if folder.is_dir() else []
-            self.staged[shard] = {int(name.split(".")[0]) for name in names}
-        return self.staged[shard]
+        """Indices staged for a shard, read from the folder (other threads and workers stage there too).
+
+        The record is written after the image, so a record means a complete sample.
+        """
+        folder = self.context.out.root / STAGING / f"{shard:05d}"
+        names = os.listdir(folder) if folder.is_dir() else []
+        return {int(name[:9]) for name in names if name.endswith(".json") and name[:9].isdigit()}
+
+    def _claim_path(self, shard: int):
+        return self.context.out.root / STAGING / f"{shard:05d}.packing{TEMP_MARK}"
+
+    def _claim(self, shard: int) -> bool:
+        """True for the one caller that may pack this shard now (several may stage its last samples)."""
+        try:
+            os.close(os.open(self._claim_path(shard), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
 
     # -- per run -------------------------------------------------------------------------
     def finish(self, entries) -> list:
         """Pack shards whose every item is staged or failed (a resumed run's leftovers too)."""
         failures = _failures(self.context.out.root)
+        self.finished |= self._markers()  # shards packed by writer threads or workers
+        self._drop_stale_staging()
         written = []
         for shard in range((self.total + self.options.shard_size - 1) // self.options.shard_size):
             if shard in self.finished:
                 continue
-            indices = self.shard_indices(shard)
-            failed = {i: failures[i] for i in indices if i in failures and i not in self._staged(shard)}
-            if all(i in self._staged(shard) or i in failed for i in indices):
+            indices, staged = self.shard_indices(shard), self._staged(shard)
+            failed = {i: failures[i] for i in indices if i in failures and i not in staged}
+            if all(i in staged or i in failed for i in indices):
                 written.append(self.pack(shard, failed))
         self.context.notes["dataset"] = {"url": self.url, "shards_done": len(self.finished),
                                          "shards_total": -(-self.total // self.options.shard_size)}
         return [w for w in written if w]
+
+    def _drop_stale_staging(self) -> None:
+        """Remove samples staged again for a shard already packed (a retried batch of a killed worker)."""
+        import shutil
+
+        staging = self.context.out.root / STAGING
+        for folder in staging.iterdir() if staging.is_dir() else ():
+            if folder.is_dir() and folder.name.isdigit() and int(folder.name) in self.finished:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def pack(self, shard: int, failures: dict) -> str:
         """Write one shard (tar, parquet, then the stats marker) from its staged samples."""
@@ -129,6 +162,7 @@ class WebDatasetWriter(Writer):
         self._put(f"{name}_stats.json", json.dumps(stats, indent=1).encode())  # the marker, last
         self.finished.add(shard)
         shutil.rmtree(folder, ignore_errors=True)
+        self._claim_path(shard).unlink(missing_ok=True)
         return f"{name}.tar"
 
     def _put(self, path: str, data: bytes) -> None:

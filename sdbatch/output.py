@@ -117,9 +117,14 @@ class Entry:
 
 
 class OutputDir:
-    """An output folder with its manifest; safe to use from one writer thread at a time."""
+    """An output folder with its manifest; its writes and manifest appends are safe from several threads.
 
-    def __init__(self, root: str | os.PathLike):
+    The driver's instance owns the folder: it clears temporaries left by a killed run and
+    indexes the manifest. A worker's (``worker=True``, on a Ray worker that writes files for
+    the driver) does neither: it only writes files, while the driver appends the manifest.
+    """
+
+    def __init__(self, root: str | os.PathLike, worker: bool = False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -131,8 +136,10 @@ class OutputDir:
         self._owners: dict[int, int] = {}
         self._writer_sets: list[tuple] = []
         self._reader = None
-        self._remove_temporaries()
-        self._read_manifest()
+        self._cut_line = False
+        if not worker:
+            self.remove_temporaries()
+            self._read_manifest()
         run_files = self.root / RUN_FILES
         self.run_files: set[str] = set(json.loads(run_files.read_text())) if run_files.is_file() else set()
 
@@ -203,19 +210,27 @@ class OutputDir:
 
     def record(self, entry: Entry) -> None:
         """Append a finished item's manifest line (after its files are durable)."""
-        line = json.dumps({"id": entry.id, "index": entry.index, "files": entry.files, "item": entry.item,
-                           "seconds": round(entry.seconds, 4), "extra": entry.extra, "writers": entry.writers},
-                          ensure_ascii=False, separators=(",", ":"))
+        self.record_all([entry])
+
+    def record_all(self, entries: list) -> None:
+        """Append finished items' manifest lines in this order, with one fsync for them all."""
+        lines = [json.dumps({"id": e.id, "index": e.index, "files": e.files, "item": e.item,
+                             "seconds": round(e.seconds, 4), "extra": e.extra, "writers": e.writers},
+                            ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n" for e in entries]
+        if not lines:
+            return
         with self._lock:
             with open(self.manifest_path, "ab") as handle:
                 if self._cut_line:  # a kill cut the last line: end it so ours stays readable
                     handle.write(b"\n")
                     self._cut_line = False
                 offset = handle.seek(0, os.SEEK_END)
-                handle.write((line + "\n").encode("utf-8"))
+                handle.write(b"".join(lines))
                 handle.flush()
                 os.fsync(handle.fileno())
-            self._index(entry.id, [f["path"] for f in entry.files], entry.writers, offset)
+            for entry, line in zip(entries, lines):
+                self._index(entry.id, [f["path"] for f in entry.files], entry.writers, offset)
+                offset += len(line)
 
     # -- files ------------------------------------------------------------------------
     def write_bytes(self, relpath: str, data: bytes, item_id: str, writer: str) -> FileRecord:
@@ -268,7 +283,8 @@ class OutputDir:
         os.replace(temp, target)
         return FileRecord(relpath, digest, writer)
 
-    def _remove_temporaries(self) -> None:
+    def remove_temporaries(self) -> None:
+        """Delete files left under temporary names (call only while nothing writes here)."""
         for temp in self.root.rglob(f"*{TEMP_MARK}*"):
             if temp.is_file():
                 temp.unlink()
