@@ -175,37 +175,43 @@ class RayExecutor(LocalExecutor):
         in_flight: dict = {}  # object ref -> actor
         load = {actor: 0 for actor in self.actors}
 
-        def collect_one() -> None:
-            [ready], _ = ray.wait(list(in_flight), num_returns=1)
-            load[in_flight.pop(ready)] -= 1
+        def collect() -> None:
+            """Wait for a batch, then take every one done by now: one manifest append (one fsync) for all."""
+            ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
+            for ref in ready:
+                load[in_flight.pop(ref)] -= 1
             self._collect(ray.get(ready), sink, summary, workers_write)
 
         for batch in batches:
             sink.check()
             while len(in_flight) >= limit:
-                collect_one()
+                collect()
             actor = min(self.actors, key=load.__getitem__)
             method = actor.render_and_write if workers_write else actor.render
             in_flight[method.remote(batch)] = actor
             load[actor] += 1
         while in_flight:
-            collect_one()
+            collect()
         if workers_write:  # what killed workers left under temporary names (every actor is idle now)
             self.context.out.remove_temporaries()
 
-    def _collect(self, outcome, sink, summary, workers_write: bool) -> None:
-        results, failures, *error = outcome
-        for item, message in failures:
-            summary.failed += 1
-            _record_failures(self.context.out.root, [item], message, "")
-            sink.progress.update(1)
-        if error and error[0] is not None:
-            raise error[0]
-        summary.render_seconds += sum(r.seconds for r in results)
+    def _collect(self, outcomes: list, sink, summary, workers_write: bool) -> None:
+        """Record the batches' failures, then commit their records (or write their results here)."""
+        done = []
+        for results, failures, *error in outcomes:
+            for item, message in failures:
+                summary.failed += 1
+                _record_failures(self.context.out.root, [item], message, "")
+                sink.progress.update(1)
+            if error and error[0] is not None:
+                raise error[0]
+            summary.render_seconds += sum(r.seconds for r in results)
+            done += results
         if workers_write:
-            sink.committer.commit(results)  # Written records, in the order this batch was planned
-        elif results:
-            sink.put(results)
+            sink.committer.commit(done)  # Written records, each batch in the order it was planned
+        elif done:
+            sink.put(done)
 
     def shutdown(self) -> None:
         import ray

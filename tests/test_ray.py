@@ -121,9 +121,11 @@ def test_controlnet_and_img2img_items_match_between_ray_and_local(ray_cluster, w
           - canny: {{image: {tmp_path / 'scene1.png'}, controlnet: {net}}}
           - img2img: {{image: {tmp_path / 'scene0.png'}, strength: 0.7}}
         sweep: {{canny.scale: [0.5, 1.0], seed: [1, 2]}}
-        outputs: [png]
+        outputs: [png, control_maps]
     """), registry)
     LocalExecutor(job, registry, tmp_path / "local", quiet=True).run()
-    RayExecutor(job, registry, tmp_path / "ray", workers=2, quiet=True).run()
-    assert _pngs(tmp_path / "local") == _pngs(tmp_path / "ray") and len(_pngs(tmp_path / "ray")) == 4
+    executor = RayExecutor(job, registry, tmp_path / "ray", workers=2, quiet=True)
+    assert not executor._workers_write()  # control_maps is not declared parallel: the driver writes
+    executor.run()
+    assert _pngs(tmp_path / "local") == _pngs(tmp_path / "ray") and len(_pngs(tmp_path / "ray")) == 5
     assert Image.open(next((tmp_path / "ray").rglob("*.png"))).size == (64, 64)
