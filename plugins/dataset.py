@@ -8,8 +8,13 @@ and renamed, then the ``{shard}_stats.json`` marker is written last (``complete:
 and the staged files removed. At the end of a run every shard holding a staged item is
 packed too, short (``complete: false``), keeping its staged files: every rendered item is
 readable when a run ends, and the shard is rebuilt when more of its items exist.
-Shards packed with another ``shard_size`` are unpacked back into staging and re-packed:
-rendered work is never deleted and a new shard size never re-renders.
+Shards packed with another ``shard_size`` are unpacked back into staging and re-packed
+(by the run's own instance, before anything renders): rendered work is never deleted and
+a new shard size never re-renders.
+
+Staging runs in parallel (writer threads, Ray workers): whoever stages a shard's last
+sample packs it, after claiming it with a file created exclusively, so it is packed once;
+a claim left by a killed packer is a temporary, and the run's ``finish`` packs that shard.
 Shards go through fsspec, so ``url:`` may be a bucket (``s3://...``) or ``memory://``.
 """
 
@@ -23,7 +28,7 @@ from typing import Literal
 
 from sdbatch import hookimpl
 from sdbatch.api import Writer
-from sdbatch.output import fsync_folder
+from sdbatch.output import TEMP_MARK, fsync_folder
 
 STAGING = ".dataset-staging"
 
@@ -43,8 +48,12 @@ class WebDatasetWriter(Writer):
     description = "WebDataset tar shards + Parquet metadata per shard"
     Options = DatasetOptions
 
+    parallel = True  # staging is per index, and a shard is packed once under an exclusive claim
+
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
+        import threading
+
         import fsspec
 
         self.url = options.url or str(context.out.root / "dataset")
@@ -56,6 +65,13 @@ class WebDatasetWriter(Writer):
         self._staged: dict[int, tuple] | None = None  # index -> (id, staged path without extension)
         self.stale: list[dict] = []  # markers of shards packed with another shard size
         self._stale_ids: dict[int, str] | None = None
+        self._scan_lock = threading.Lock()
+        self._read_markers()
+        if context.out.owner:  # the run's own folder (not a worker's, not `status`): before anything writes
+            self._repack_stale()
+
+    def _read_markers(self) -> None:
+        self.finished, self.packed = set(), {}
         for path in self.fs.glob(f"{self.root}/*_stats.json"):
             self._read_marker(path)
 
@@ -109,13 +125,49 @@ class WebDatasetWriter(Writer):
     # -- staging -------------------------------------------------------------------------
     @property
     def staged(self) -> dict:
-        """index -> (item id, path stem) of every staged item, whatever layout staged it."""
-        if self._staged is None:
-            self._staged = {}
-            for path in (self.context.out.root / STAGING).rglob("*.json"):
-                record = json.loads(path.read_text())
-                self._staged[record["index"]] = (record["id"], path.with_suffix(""))
+        """index -> (item id, path stem) of the items staged when first asked, whatever layout staged them,
+        and of those this instance staged since (other threads and workers stage too: see _is_staged)."""
+        with self._scan_lock:
+            if self._staged is None:
+                staged = {}
+                for path in (self.context.out.root / STAGING).rglob("*.json"):
+                    record = json.loads(path.read_text())
+                    staged[record["index"]] = (record["id"], path.with_suffix(""))
+                self._staged = staged
         return self._staged
+
+    def _stem(self, index: int):
+        """Where an item is staged (without extension): as scanned, else this version's layout."""
+        known = self.staged.get(index)
+        return known[1] if known else self.context.out.root / STAGING / f"{index // 10000:05d}" / f"{index:09d}"
+
+    def _is_staged(self, index: int) -> bool:
+        """Read from the folder: the record is written after the image, so a record means a whole sample."""
+        return self._stem(index).with_suffix(".json").is_file()
+
+    def _shard_staged(self, shard: int) -> bool:
+        return all(self._is_staged(i) for i in self.shard_indices(shard))  # stops at the first missing one
+
+    def _claim_path(self, shard: int):
+        return self.context.out.root / STAGING / f"{shard:05d}.packing{TEMP_MARK}"
+
+    def _claim(self, shard: int) -> bool:
+        """True for the one caller that may pack this shard now (several may stage its last samples)."""
+        self._claim_path(shard).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self._claim_path(shard), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def _packed_complete(self, shard: int) -> bool:
+        """Whether the shard's marker (maybe written by another thread or worker) says complete."""
+        path = f"{self.root}/{shard:05d}_stats.json"
+        if not self.fs.exists(path):
+            return False
+        with self.fs.open(path, "rb") as handle:
+            stats = json.loads(handle.read())
+        return stats.get("shard_size") == self.options.shard_size and stats.get("complete", True)
 
     def _stage(self, index: int, item_id: str, record: bytes, image: bytes, ext: str) -> list:
         """Store one sample's files under STAGING, by index (a shard size change moves nothing)."""
@@ -147,7 +199,6 @@ class WebDatasetWriter(Writer):
 
     # -- per item ------------------------------------------------------------------------
     def write(self, result) -> list:
-        self._repack_stale()
         item = result.item
         shard = self.shard_of(item.index)
         if shard in self.finished:
@@ -155,15 +206,26 @@ class WebDatasetWriter(Writer):
         image = _encode(result.image, self.options)
         record = {**item.to_json(), "model_hash": result.model_hash, "shard": shard}
         files = self._stage(item.index, item.id, json.dumps(record).encode(), image, self.options.format)
-        if all(i in self.staged for i in self.shard_indices(shard)):
-            self.pack(shard, failures={})
-        return [f.to_json() for f in files]
+        if self._shard_staged(shard) and self._claim(shard):
+            try:  # re-checked under the claim: another packer may have finished this shard meanwhile
+                if not self._packed_complete(shard) and self._shard_staged(shard):
+                    self.pack(shard, failures={})
+            finally:
+                self._claim_path(shard).unlink(missing_ok=True)
+        # No file records for the manifest: staged files go when their shard is complete, and a
+        # manifest line naming a missing file reads as unfinished, so the item's other writers
+        # would render it again. The shard is this writer's record of the item (``covers``).
+        del files
+        return []
 
     # -- per run -------------------------------------------------------------------------
     def finish(self, entries) -> list:
         """Pack every shard with staged items: complete ones for good, the others short."""
         self._repack_stale()
         failures = _failures(self.context.out.root)
+        self._read_markers()  # shards packed by writer threads or workers
+        self._staged = None  # and the samples they staged
+        self._drop_restaged()
         written = []
         touched = {self.shard_of(i) for i in [*self.staged, *failures] if i < self.total}
         for shard in sorted(touched - self.finished):
@@ -179,6 +241,17 @@ class WebDatasetWriter(Writer):
                                          "shards_total": -(-self.total // self.options.shard_size)}
         return [w for w in written if w]
 
+    def _drop_restaged(self) -> None:
+        """Remove samples staged again for a shard already complete (a retried batch of a killed worker)."""
+        for index in [i for i in self.staged if self.shard_of(i) in self.finished]:
+            self._unstage(index)
+
+    def _unstage(self, index: int) -> None:
+        known = self.staged.pop(index, None)
+        stem = known[1] if known else self._stem(index)
+        for path in stem.parent.glob(f"{index:09d}.*"):
+            path.unlink(missing_ok=True)
+
     def pack(self, shard: int, failures: dict) -> str:
         """Write one shard (tar, parquet, then the stats marker) from its staged samples.
 
@@ -188,14 +261,14 @@ class WebDatasetWriter(Writer):
         rows, tar = [], io.BytesIO()
         import webdataset
 
-        present = [i for i in self.shard_indices(shard) if i in self.staged or i in failures]
+        present = [i for i in self.shard_indices(shard) if i in failures or self._is_staged(i)]
         complete = len(present) == len(self.shard_indices(shard))
         with webdataset.TarWriter(tar, mtime=0.0, encoder=False) as sink:  # fixed mtime: identical reruns
             for index in present:
                 if index in failures:
                     rows.append(_failed_row(index, shard, failures[index]))
                     continue
-                stem = self.staged[index][1]
+                stem = self._stem(index)
                 record = json.loads(stem.with_suffix(".json").read_text())
                 record["shard"] = shard  # staged under another shard size, perhaps
                 image = stem.with_suffix(f".{self.options.format}").read_bytes()
@@ -213,9 +286,8 @@ class WebDatasetWriter(Writer):
         if complete:
             self.finished.add(shard)
             for index in present:
-                if index in self.staged:
-                    for path in self.staged.pop(index)[1].parent.glob(f"{index:09d}.*"):
-                        path.unlink()
+                if index not in failures:
+                    self._unstage(index)
         return f"{name}.tar"
 
     def _put(self, path: str, data: bytes) -> None:

@@ -35,6 +35,7 @@ class ImageWriter(Writer):
     """Shared logic: path template, metadata, atomic write."""
 
     writes_images = True
+    parallel = True  # each item's file depends on that item alone
     ext = "png"
 
     @classmethod

@@ -62,6 +62,7 @@ class VideoWriter(Writer):
     name = "video"
     description = "mp4 (H.264, yuv420p), webm (VP9), GIF or WebP animation from the frames"
     Options = VideoOptions
+    parallel = True  # write() does nothing
 
     @classmethod
     def check(cls, options, job) -> list[str]:

@@ -272,6 +272,11 @@ class Writer(Plugin):
 
     #: True for writers that write a file per item (other writers may read those files).
     writes_images: ClassVar[bool] = False
+    #: True when ``write`` may run in several threads and processes at once, in any order, each
+    #: with its own instance made from the same options (so it keeps no state other calls need):
+    #: sdbatch then writes in a pool of threads and, under Ray, on the workers. False: one at a
+    #: time, in the driver (a writer that does not override ``write`` counts as True).
+    parallel: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, context: Any = None):
         self.options = options

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local one")
     p.add_argument("--workers", type=_positive, default=None,
                    help="Ray render actors (default: one per GPU, else per CPU)")
+    p.add_argument("--write-threads", type=_positive, default=None,
+                   help="threads encoding and writing files (default: one per core; under Ray, per worker)")
+    p.add_argument("--write-on", choices=["workers", "driver"], default="workers",
+                   help="under Ray, where files are written: on the workers (the output folder must be shared "
+                        "with them; default) or in the driver")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("status", help="progress of a run from its output folder: items, shards, failures, speed")
@@ -170,11 +175,13 @@ def cmd_run(args) -> int:
     args.output = args.output or default_output(job)
     if not args.add:
         check_output_folder(job, args.output)
-    options = dict(batch_size=args.batch_size, device=args.device, quiet=args.quiet, limit=args.limit)
+    options = dict(batch_size=args.batch_size, device=args.device, quiet=args.quiet, limit=args.limit,
+                   write_threads=args.write_threads)
     if args.executor == "ray":
         from .ray_executor import RayExecutor
 
-        executor = RayExecutor(job, registry, args.output, workers=args.workers, address=args.address, **options)
+        executor = RayExecutor(job, registry, args.output, workers=args.workers, address=args.address,
+                               write_on=args.write_on, **options)
     else:
         executor = LocalExecutor(job, registry, args.output, **options)
     summary = executor.run()

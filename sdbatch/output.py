@@ -178,9 +178,15 @@ class Entry:
 
 
 class OutputDir:
-    """An output folder with its manifest; safe to use from one writer thread at a time."""
+    """An output folder with its manifest; its writes and manifest appends are safe from several threads.
 
-    def __init__(self, root: str | os.PathLike, lock: bool = True):
+    The driver's instance owns the folder: it holds the folder's lock, clears temporaries
+    left by a killed run and indexes the manifest. A worker's (``worker=True``, on a Ray
+    worker that writes files for the driver, which holds the lock) does none of these: it
+    only writes files, while the driver appends the manifest.
+    """
+
+    def __init__(self, root: str | os.PathLike, lock: bool = True, worker: bool = False):
         """Open (and create) the folder; ``lock=False`` only reads it (``sdbatch status``).
 
         A locked folder is this process's alone until close(): a second run stops at once
@@ -188,8 +194,11 @@ class OutputDir:
         of killed runs are removed and symbolic links leading out of the folder refused.
         """
         self.root = Path(root)
+        self.owner = lock and not worker  # a run's own instance: only it may reorganise what is there
         self._lock_key = None
-        if lock:
+        if worker:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif lock:
             from .lock import acquire
 
             self.root.mkdir(parents=True, exist_ok=True)
@@ -208,7 +217,9 @@ class OutputDir:
         self._owners: dict[int, int] = {}
         self._writer_sets: list[tuple] = []
         self._reader = None
-        self._read_manifest()
+        self._cut_line = False
+        if not worker:
+            self._read_manifest()
         run_files = self.root / RUN_FILES
         self.run_files: set[str] = set(json.loads(run_files.read_text())) if run_files.is_file() else set()
 
@@ -279,19 +290,27 @@ class OutputDir:
 
     def record(self, entry: Entry) -> None:
         """Append a finished item's manifest line (after its files are durable)."""
-        line = json.dumps({"id": entry.id, "index": entry.index, "files": entry.files, "item": entry.item,
-                           "seconds": round(entry.seconds, 4), "extra": entry.extra, "writers": entry.writers},
-                          ensure_ascii=False, separators=(",", ":"))
+        self.record_all([entry])
+
+    def record_all(self, entries: list) -> None:
+        """Append finished items' manifest lines in this order, with one fsync for them all."""
+        lines = [json.dumps({"id": e.id, "index": e.index, "files": e.files, "item": e.item,
+                             "seconds": round(e.seconds, 4), "extra": e.extra, "writers": e.writers},
+                            ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n" for e in entries]
+        if not lines:
+            return
         with self._lock:
             with open_append(self.manifest_path) as handle:
                 if self._cut_line:  # a kill cut the last line: end it so ours stays readable
                     handle.write(b"\n")
                     self._cut_line = False
                 offset = handle.seek(0, os.SEEK_END)
-                handle.write((line + "\n").encode("utf-8"))
+                handle.write(b"".join(lines))
                 handle.flush()
                 os.fsync(handle.fileno())
-            self._index(entry.id, [f["path"] for f in entry.files], entry.writers, offset)
+            for entry, line in zip(entries, lines):
+                self._index(entry.id, [f["path"] for f in entry.files], entry.writers, offset)
+                offset += len(line)
 
     # -- files ------------------------------------------------------------------------
     def write_bytes(self, relpath: str, data: bytes, item_id: str, writer: str) -> FileRecord:
@@ -377,7 +396,16 @@ class OutputDir:
             for name in names:
                 if os.path.islink(os.path.join(folder, name)):
                     inside(self.root, Path(folder) / name / "x")
-            for name in files if tidy else ():
+        if tidy:
+            self.remove_temporaries()
+
+    def remove_temporaries(self) -> None:
+        """Delete files left under temporary names (call only while nothing writes here).
+
+        os.walk follows no symbolic link, so nothing outside the folder is touched.
+        """
+        for folder, _names, files in os.walk(self.root):
+            for name in files:
                 if TEMP_MARK in name:
                     os.unlink(os.path.join(folder, name))
 

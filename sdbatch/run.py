@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -12,9 +10,10 @@ from pathlib import Path
 
 from .api import Writer
 from .errors import DiskFull, SdbatchError
-from .output import Entry, OutputDir, atomic_write, open_append
-from .plugins import PluginCallError, plugin_errors
+from .output import OutputDir, atomic_write, open_append
+from .plugins import plugin_errors
 from .progress import Progress
+from .writing import Committer, WriterPool, default_threads
 
 SUMMARY = "summary.json"
 FAILURES = "failures.jsonl"
@@ -63,22 +62,23 @@ def run_context(job, out_dir, lock: bool = True) -> RunContext:
 
 
 class LocalExecutor:
-    """Renders in this process: batches items by batch key, writes on a background thread.
+    """Renders in this process: batches items by batch key, writes on a pool of threads.
 
-    Writing (PNG encoding, fsync) overlaps rendering, and the manifest line of an item is
-    appended only once its files are durable.
+    Writing (encoding, fsync) overlaps rendering on ``write_threads`` threads (default: one
+    per core), and the manifest line of an item is appended only once its files are durable.
     """
 
     name = "local"
 
     def __init__(self, job, registry, out_dir, batch_size: int | None = None, device: str | None = None,
-                 quiet: bool = False, limit: int | None = None):
+                 quiet: bool = False, limit: int | None = None, write_threads: int | None = None):
         self.job, self.registry = job, registry
         self.context = run_context(job, out_dir)
         self.batch_size = batch_size or job.spec.batch_size
         self.device = device or job.spec.device
         self.quiet = quiet
         self.limit = limit
+        self.write_threads = write_threads or default_threads()
         self.model_loads = 0
         self._renderer = None
 
@@ -105,7 +105,8 @@ class LocalExecutor:
         progress = Progress(total, summary.already_done, quiet=self.quiet, title=self.context.job_name,
                             history=out.root / SUMMARY)
         entries_of = {w.name: self.registry.require("writer", w.name) for w in writers}  # names plugins in errors
-        sink = _WriterThread(writers, out, summary, progress, finished, entries_of)
+        committer = Committer(writers, out, summary, progress, _record_failures)
+        sink = WriterPool(writers, entries_of, committer, finished, self.write_threads)
         try:
             self._render_batches(_batches(job.plan.items(0, total), self.batch_size, finished), sink, summary)
         finally:
@@ -245,78 +246,20 @@ def _batches(items, batch_size: int, finished):
     yield from pending.values()
 
 
-def _record_failures(root: Path, batch, exc: Exception) -> None:
+def _record_failures(root: Path, batch, error, trace: str | None = None) -> None:
+    """Append the items' failure lines; ``error`` is the exception or, from a worker, its message."""
     import sys
 
-    message = f"{type(exc).__name__}: {exc}"
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    trace = traceback.format_exc(limit=5) if trace is None else trace
     print(f"sdbatch: {len(batch)} item(s) failed: {message}", file=sys.stderr)
     lines = "".join(json.dumps({"id": item.id, "index": item.index, "error": message,
-                                "traceback": traceback.format_exc(limit=5)}) + "\n" for item in batch)
+                                "traceback": trace}) + "\n" for item in batch)
     try:
         with open_append(root / FAILURES) as handle:
             handle.write(lines.encode("utf-8"))
-    except OSError as error:
-        raise DiskFull.wrap(error, root) or error
-
-
-class _WriterThread:
-    """Runs writers off the render loop; re-raises their errors in the main thread."""
-
-    def __init__(self, writers, out: OutputDir, summary: Summary, progress: Progress, finished,
-                 entries: dict):
-        self.writers, self.out, self.summary, self.progress = writers, out, summary, progress
-        self.finished = finished
-        self.names = [writer.name for writer in writers]
-        self.entries = entries  # writer name -> registry Entry
-        self.queue: queue.Queue = queue.Queue(maxsize=4)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="sdbatch-writer", daemon=True)
-        self.thread.start()
-
-    def put(self, results) -> None:
-        self.queue.put(results)
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            results = self.queue.get()
-            if results is None:
-                return
-            if self.error is not None:
-                continue  # drain after a failure; the main thread raises it
-            try:
-                for result in results:
-                    self._write(result)
-            except BaseException as exc:  # surfaced by check()
-                self.error = exc
-
-    def _write(self, result) -> None:
-        item = result.item
-        if self.finished(item):
-            return
-        files = []
-        try:
-            for writer in self.writers:
-                with plugin_errors(self.entries[writer.name]):
-                    files += writer.write(result)
-        except PluginCallError as exc:  # this item fails; the run goes on
-            self.summary.failed += 1
-            _record_failures(self.out.root, [item], exc)
-            self.progress.update(1, rendered=False)
-            return
-        record = item.to_json()
-        record["model_hash"] = result.model_hash
-        self.out.record(Entry(item.id, item.index, files, record, result.seconds, writers=list(self.names)))
-        self.summary.rendered += 1
-        self.progress.note("; ".join(filter(None, (writer.progress_note() for writer in self.writers))))
-        self.progress.update(1)
+    except OSError as exc:
+        raise DiskFull.wrap(exc, root) or exc
 
 
 def run_status(out_dir, registry) -> dict:

@@ -58,6 +58,8 @@ def test_killing_the_ray_driver_then_rerunning_finishes_each_item_once(write_job
         assert pq.read_table(out / "dataset" / f"{shard:05d}.parquet").num_rows == 4
         assert (out / "dataset" / f"{shard:05d}_stats.json").is_file()
     assert len(keys) == len(set(keys)) == 16
+    # The workers wrote the files: nothing partial or staged is left behind by the killed run.
+    assert not [p for p in out.rglob("*") if p.is_file() and ("sdbatch-tmp" in p.name or ".dataset-staging" in p.parts)]
 
     local = tmp_path / "local"
     assert subprocess.run([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(local), "-q"], env=env,
