@@ -400,7 +400,7 @@ def _estimator(kind: str, ref: str, device: str, allow_pickle: bool):
     return _ESTIMATORS[key]
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_conditioners(register):
     """ControlNet conditioners: canny, depth, pose and image."""
     for conditioner in (CannyConditioner(), DepthConditioner(), PoseConditioner(), ImageConditioner()):
@@ -436,7 +436,7 @@ class ControlMapsWriter(Writer):
         return []
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_writers(register):
     """The control maps writer."""
     register(ControlMapsWriter)

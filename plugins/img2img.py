@@ -182,7 +182,7 @@ def _overlay(original, mask):
     return finish
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_conditioners(register):
     """img2img and inpaint."""
     register(Img2ImgConditioner())

@@ -257,7 +257,7 @@ def add_to_model(model, embedding) -> None:
                                     {"embedding": embedding.name, "hash": embedding_hash(embedding.path)}]
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_conditioners(register):
     """The lora and embeddings conditioners (the validator puts them first for jobs that use them)."""
     register(LoraConditioner())

@@ -77,7 +77,7 @@ def _inner(item, opts) -> tuple[int, int]:
     return width, height
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def register_conditioners(register):
     """The outpaint conditioner."""
     register(OutpaintConditioner())

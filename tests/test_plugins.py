@@ -382,3 +382,35 @@ def test_origin_of_an_in_code_plugin_reads_cleanly(make_registry):
     with pytest.raises(PluginError) as info:
         make_registry(ShadowingPlugin)
     assert "((" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["canny", "depth", "pose", "image", "img2img", "inpaint", "text", "lora", "outpaint"])
+def test_an_installed_plugin_can_replace_a_builtin_conditioner(name):
+    from sdbatch.api import Conditioner
+
+    class Replacement(Conditioner):
+        description = "a third-party replacement"
+
+        def condition(self, items, options, model, state):
+            return None
+
+    Replacement.name = name
+
+    class Plugin:
+        @sdbatch.hookimpl
+        def register_conditioners(register):
+            register(Replacement(), override=True)
+
+    # Registered before the entry points, as an installed package that sorts first would be: the
+    # built-ins must still be asked last (trylast), or both would claim the name.
+    import pluggy
+
+    from sdbatch import hookspecs
+    from sdbatch.plugins import ENTRY_POINT_GROUP, _load_entrypoints, build_registry
+
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    pm.register(Plugin, name="replacement")
+    _load_entrypoints(pm)
+    registry = build_registry(pm)
+    assert isinstance(registry.get("conditioner", name).obj, Replacement)
