@@ -28,36 +28,20 @@ def _tokens(tokenizer, text: str, length: int | None = None):
     return ids
 
 
-def final_layer_norm(encoder):
-    """The CLIP text transformer's final LayerNorm (transformers 5 moved it off ``.text_model``)."""
-    return getattr(encoder, "text_model", encoder).final_layer_norm
+def clip_states(encoder, tokenizer, text: str, device, layer: int = 1):
+    """(hidden states (tokens, features), output[0]) of one 77-token prompt.
 
-
-def clip_states(encoder, tokenizer, text: str, device, layer: int = 1, normalize: bool = False):
-    """(hidden states (tokens, features), output[0]) of one prompt.
-
-    ``layer`` counts from the end: 1 is the last hidden state, 2 the one before (A1111's
-    Clip skip). ``normalize`` passes an earlier layer through the final LayerNorm, as
-    SD 1.x does; SDXL and SD3 take the penultimate layer as it is.
+    ``layer`` counts from the end: 1 is the last hidden state, 2 the one before, taken as it
+    is (SDXL and SD3 use the penultimate layer without the final norm; SD 1.x and SDXL
+    prompts go through ``prompts.clip_encoder``, which also does A1111's syntax and chunks).
     """
     output = encoder(_tokens(tokenizer, text).to(device), output_hidden_states=True)
-    if layer == 1 and normalize:
-        hidden = output[0]
-    else:
-        hidden = output.hidden_states[-layer]
-        if normalize:
-            hidden = final_layer_norm(encoder)(hidden)
-    return hidden[0], output[0][0]
+    return output.hidden_states[-layer][0], output[0][0]
 
 
 def t5_states(encoder, tokenizer, text: str, device, length: int):
     """T5 encoder states (length, features) of one prompt."""
     return encoder(_tokens(tokenizer, text, length).to(device), output_hidden_states=False)[0][0]
-
-
-def _rows(value, like):
-    """A scalar-per-row tensor broadcastable against ``like`` (rows first)."""
-    return value.view(-1, *([1] * (like.dim() - 1)))
 
 
 # ---------------------------------------------------------------- SD 1.x / 2.x

@@ -160,14 +160,14 @@ def _redness(images):
 def test_a_plain_short_prompt_encodes_exactly_as_before(tiny_pipe):
     import torch
 
-    from sdbatch_plugins.families import clip_states
     from sdbatch_plugins.prompts import clip_encoder, encode_prompt_chunks
 
     pipe = tiny_pipe
     for prompt in (PLAIN, "", "blurry: lowres"):
         hidden, pooled = encode_prompt_chunks(pipe.tokenizer, clip_encoder(pipe.text_encoder), prompt)
+        ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         with torch.inference_mode():  # the single 77-token encoding sdbatch used before prompt syntax
-            before, _ = clip_states(pipe.text_encoder, pipe.tokenizer, prompt, "cpu", layer=1, normalize=True)
+            before = pipe.text_encoder(ids.input_ids)[0][0]
         assert torch.equal(hidden, before)
         assert pooled.shape == (pipe.text_encoder.config.hidden_size,)
     # Clip skip 2: the layer before the last, through the final norm (diffusers' clip_skip=1, whose
