@@ -100,7 +100,9 @@ class ControlConditioner(Conditioner):
             state.outputs[row].setdefault("control_maps", {})[self.name] = (control_map, key)
             maps.append(torch.from_numpy(np.asarray(control_map, dtype=np.float32) / 255.0).permute(2, 0, 1))
         net = load_controlnet(options[0].controlnet, model, options[0].allow_pickle)
-        return ControlExtension(state, net, torch.stack(maps), [o.scale for o in options],
+        maps = torch.stack(maps).to(model.device, model.dtype)
+        control = model.family.control_input(model, net, maps, state.generators)
+        return ControlExtension(state, net, control, [o.scale for o in options],
                                 [o.start for o in options], [o.end for o in options])
 
     def control_map(self, item, options, device: str):
@@ -130,10 +132,12 @@ class ControlConditioner(Conditioner):
         if config is None and _looks_local(location):
             problems.append(f"ControlNet not found: {options.controlnet} (looked for {location}; a folder with "
                             f"config.json, a .safetensors file, or a hub id such as lllyasviel/sd-controlnet-canny)")
-        for info in job.plan.models.values() if config is not None else ():  # a hub id is checked as it loads
-            unet = _unet_config(info.location)
-            if unet is not None:
-                problems += compatibility_problems(config, unet, options.controlnet, info.ref)
+        families = job.plugins.get("family", {})
+        for ref, info in job.plan.models.items() if config is not None else ():  # a hub id is checked as it loads
+            family = families.get(ref)
+            denoiser = _denoiser_config(info.location)
+            if family is not None and denoiser is not None:
+                problems += compatibility_problems(config, denoiser, options.controlnet, info.ref, family)
         estimator = getattr(options, "estimator", None)
         if estimator:
             location = _estimator_location(estimator)
@@ -145,15 +149,17 @@ class ControlConditioner(Conditioner):
 
 
 class ControlExtension(Extension):
-    """One ControlNet in the loop: its residuals, scaled per row, added to the U-Net's.
+    """One ControlNet in the loop: its residuals, scaled per row, added to the denoiser's.
 
-    ``images`` is (rows, 3, H, W) in 0..1 at the output size; a net is on for a row while
-    ``start <= step/steps`` and ``(step+1)/steps <= end`` (the A1111 extension's guidance
-    start/end), so one batch can sweep the control scale and its window.
+    ``control`` is what the net takes, one row per item (the map, or its latents on
+    transformer families: ``Family.control_input``); the family runs the net
+    (``Family.control``). A net is on for a row while ``start <= step/steps`` and
+    ``(step+1)/steps <= end`` (the A1111 extension's guidance start/end), so one batch can
+    sweep the control scale and its window.
     """
 
-    def __init__(self, state, net, images, scales: list, starts: list, ends: list):
-        self.state, self.net, self.images = state, net, images
+    def __init__(self, state, net, control, scales: list, starts: list, ends: list):
+        self.state, self.net, self.control = state, net, control
         self.scales, self.starts, self.ends = scales, starts, ends
 
     def denoiser_kwargs(self, step, t, x, cond) -> dict:
@@ -165,13 +171,23 @@ class ControlExtension(Extension):
                    for scale, start, end in zip(self.scales, self.starts, self.ends)]
         if not any(weights):
             return {}
-        images = state.for_guidance(self.images.to(x.device, x.dtype))
-        weight = state.for_guidance(torch.tensor(weights, device=x.device, dtype=x.dtype)).view(-1, 1, 1, 1)
+        weight = state.for_guidance(torch.tensor(weights, device=x.device, dtype=x.dtype))
+        guidance = state.for_guidance(torch.tensor([item.guidance for item in state.items], dtype=torch.float32))
         first = state.items[0]
-        inputs = model.family.unet_inputs(model, x, cond, first.width, first.height)
-        down, mid = self.net(x, t, controlnet_cond=images, conditioning_scale=1.0, return_dict=False, **inputs)
-        return {"down_block_additional_residuals": [residual * weight for residual in down],
-                "mid_block_additional_residual": mid * weight}
+        kwargs = model.family.control(model, self.net, x, t, cond, guidance, state.for_guidance(self.control),
+                                      first.width, first.height)
+        return {key: scale_rows(value, weight) for key, value in kwargs.items()}
+
+
+def scale_rows(value, weight):
+    """Every tensor in ``value`` (or in a list of them) times its row's weight; other values as they are."""
+    import torch
+
+    if isinstance(value, (list, tuple)):
+        return [scale_rows(v, weight) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value * weight.view(-1, *([1] * (value.dim() - 1)))
+    return value
 
 
 _MAPS: OrderedDict = OrderedDict()
@@ -242,29 +258,37 @@ def _looks_local(location: str) -> bool:
     return path.is_absolute() or location.startswith(".") or path.suffix != "" or not HUB_ID.fullmatch(location)
 
 
-def _unet_config(location: str) -> dict | None:
-    path = Path(location) / "unet" / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _denoiser_config(location: str) -> dict | None:
+    """The U-Net's or transformer's config.json in a diffusers folder."""
+    for folder in ("unet", "transformer"):
+        path = Path(location) / folder / "config.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
-def compatibility_problems(control: dict, unet: dict, control_ref: str, model_ref: str) -> list[str]:
-    """Why a ControlNet cannot steer a U-Net: its residuals must match the U-Net's blocks."""
+def compatibility_problems(control: dict, denoiser: dict, control_ref: str, model_ref: str, family) -> list[str]:
+    """Why a ControlNet cannot steer a model: its class and residuals must fit the family's denoiser."""
+    kind = control.get("_class_name")
+    if kind and family.controlnet_class and kind != family.controlnet_class:
+        return [f"ControlNet {control_ref} is a {kind}; model {model_ref} ({family.description}) "
+                f"takes a {family.controlnet_class}"]
     problems = []
-    for key, what in (("cross_attention_dim", "cross-attention size"), ("block_out_channels", "block channels"),
-                      ("layers_per_block", "layers per block")):
-        if key in control and key in unet and control[key] != unet[key]:
+    for key, what in family.controlnet_fit.items():
+        if key in control and key in denoiser and control[key] != denoiser[key]:
             hint = " (a ControlNet for another SD version?)" if key == "cross_attention_dim" else ""
             problems.append(f"ControlNet {control_ref} does not fit model {model_ref}: {what} "
-                            f"{control[key]} vs {unet[key]}{hint}")
+                            f"{control[key]} vs {denoiser[key]}{hint}")
     return problems
 
 
 def load_controlnet(ref: str, model, allow_pickle: bool = False):
-    """A ControlNetModel on the model's device and dtype, loaded once per worker and model."""
+    """The family's ControlNet class on the model's device and dtype, loaded once per worker and model."""
     cache = model.extra.setdefault("controlnets", {})
     if ref not in cache:
         net = _load_controlnet(resolve_controlnet(ref), allow_pickle, model)
-        problems = compatibility_problems(dict(net.config), dict(model.unet.config), ref, model.info.ref)
+        problems = compatibility_problems(dict(net.config, _class_name=type(net).__name__),
+                                          dict(model.denoiser.config), ref, model.info.ref, model.family)
         if problems:
             raise ValueError("; ".join(problems))
         net = net.to(model.device, model.dtype).eval().requires_grad_(False)
@@ -279,11 +303,12 @@ def load_controlnet(ref: str, model, allow_pickle: bool = False):
 def _load_controlnet(location: str, allow_pickle: bool, model):
     import os
 
-    from diffusers import ControlNetModel
+    import diffusers
 
     from sdbatch_plugins.models import PICKLE_SUFFIXES, quiet_libraries
 
     quiet_libraries()
+    ControlNetModel = getattr(diffusers, model.family.controlnet_class or "ControlNetModel")
     path = Path(location)
     if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise ValueError(f"{location} is a pickle file, which can run code when loaded; "

@@ -80,6 +80,15 @@ class StableDiffusion(Family):
     def denoise(self, model, x, t, cond: dict, guidance, width: int = 0, height: int = 0, **kwargs):
         return model.unet(x, t, return_dict=False, **self.unet_inputs(model, x, cond, width, height), **kwargs)[0]
 
+    controlnet_class = "ControlNetModel"
+    controlnet_fit = {"cross_attention_dim": "cross-attention size", "block_out_channels": "block channels",
+                      "layers_per_block": "layers per block"}
+
+    def control(self, model, net, x, t, cond: dict, guidance, control, width: int, height: int) -> dict:
+        down, mid = net(x, t, controlnet_cond=control, conditioning_scale=1.0, return_dict=False,
+                        **self.unet_inputs(model, x, cond, width, height))
+        return {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
+
 
 # ---------------------------------------------------------------- SDXL
 class StableDiffusionXL(StableDiffusion):
@@ -152,13 +161,26 @@ class _FlowFamily(Family):
     sampler_kind = "flow"
     limits = {
         "local_basis": "local-basis edits need a U-Net mid-block; {name} has a transformer and none",
-        "controlnet": "ControlNets for {name} are not supported yet (SD 1.x and SDXL ControlNets only)",
         "attention": "attention interpolation swaps U-Net cross-attention processors; {name} has joint attention",
         "clip_skip": "{name} takes no Clip skip option",
     }
 
     def why_not(self, capability: str) -> str:
         return super().why_not(capability).format(name=self.description)
+
+    def control_latents(self, model, maps, shift: bool = True):
+        """The maps' VAE latents as the ControlNet pipelines make them, from the posterior's mean.
+
+        The pipelines sample the posterior (SD3 from the global generator, FLUX.1 from the
+        item's, before its noise); the mean keeps pixels a function of the item alone and a
+        scale-0 ControlNet equal to none. Rows are encoded one at a time (batch independence)."""
+        import torch
+
+        vae = model.vae
+        offset = (getattr(vae.config, "shift_factor", None) or 0.0) if shift else 0.0
+        with torch.inference_mode():
+            rows = [vae.encode(row[None].to(vae.dtype) * 2 - 1).latent_dist.mode() for row in maps]
+        return ((torch.cat(rows) - offset) * vae.config.scaling_factor).to(model.dtype)
 
     def _mu(self, scheduler, image_seq_len: int) -> float:
         """The resolution-dependent shift of dynamic-shifting schedules (the pipelines' calculate_shift)."""
@@ -176,11 +198,15 @@ class StableDiffusion3(_FlowFamily):
     description = "Stable Diffusion 3/3.5"
     pipeline = "StableDiffusion3Pipeline"
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
-                        "StableDiffusion3InpaintPipeline")
+                        "StableDiffusion3InpaintPipeline", "StableDiffusion3ControlNetPipeline")
     components = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                   "tokenizer", "tokenizer_2", "tokenizer_3")
-    capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "img2img", "inpaint", "text_edit", "sega"})
+    capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint",
+                              "text_edit", "sega"})
     limits = {**_FlowFamily.limits, "clip_skip": "{name}: clip_skip applies to its CLIP encoders only"}
+    controlnet_class = "SD3ControlNetModel"
+    controlnet_fit = {"attention_head_dim": "attention head size", "num_attention_heads": "attention heads",
+                      "patch_size": "patch size", "in_channels": "latent channels"}
     defaults = {"width": 1024, "height": 1024, "steps": 28, "guidance": 4.5, "sampler": "Flow Euler"}
     #: T5 tokens, as the pipeline's max_sequence_length default.
     t5_length = 256
@@ -220,6 +246,22 @@ class StableDiffusion3(_FlowFamily):
                                  encoder_hidden_states=cond["encoder_hidden_states"],
                                  pooled_projections=cond["pooled_projections"], return_dict=False, **kwargs)[0]
 
+    def control_input(self, model, net, maps, generators):
+        # InstantX's SD3 ControlNets were trained on unshifted latents and zero pooled vectors
+        return self.control_latents(model, maps, shift=not net.config.force_zeros_for_pooled_projection)
+
+    def control(self, model, net, x, t, cond: dict, guidance, control, width: int, height: int) -> dict:
+        import torch
+
+        pooled = cond["pooled_projections"]
+        if net.config.force_zeros_for_pooled_projection:
+            pooled = torch.zeros_like(pooled)
+        # SD3.5's own ControlNets take no text states (no joint_attention_dim)
+        states = cond["encoder_hidden_states"] if net.config.joint_attention_dim is not None else None
+        samples = net(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=states,
+                      pooled_projections=pooled, controlnet_cond=control, conditioning_scale=1.0, return_dict=False)[0]
+        return {"block_controlnet_hidden_states": list(samples)}
+
 
 class Flux(_FlowFamily):
     """FLUX.1: pooled CLIP + T5, guidance-distilled (guidance is an input, no unconditional pass), packed latents."""
@@ -227,9 +269,12 @@ class Flux(_FlowFamily):
     name = "flux"
     description = "FLUX.1"
     pipeline = "FluxPipeline"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
     components = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    capabilities = frozenset({"img2img", "text_edit"})
+    capabilities = frozenset({"controlnet", "img2img", "text_edit"})
+    controlnet_class = "FluxControlNetModel"
+    controlnet_fit = {"attention_head_dim": "attention head size", "num_attention_heads": "attention heads",
+                      "joint_attention_dim": "text state size", "in_channels": "latent channels"}
     limits = {**_FlowFamily.limits,
               "cfg": "FLUX.1 is guidance-distilled: guidance is an input to the model, not a second pass",
               "negative_prompt": "FLUX.1 takes no negative prompt (it has no unconditional pass)",
@@ -291,17 +336,33 @@ class Flux(_FlowFamily):
         ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
         return ids.reshape(-1, 3).to(model.device, dtype)
 
-    def denoise(self, model, x, t, cond: dict, guidance, width: int = 0, height: int = 0, **kwargs):
+    def _inputs(self, model, module, x, t, cond: dict, guidance, width: int, height: int) -> dict:
+        """The keyword arguments FLUX.1's transformer and its ControlNets share."""
         import torch
 
         states = cond["encoder_hidden_states"]
-        embed = guidance.to(model.device, torch.float32) if model.transformer.config.guidance_embeds else None
-        text_ids = torch.zeros(states.shape[1], 3, device=model.device, dtype=states.dtype)
-        timestep = t.expand(len(x)).to(x.dtype) / 1000
-        return model.transformer(hidden_states=x, timestep=timestep, guidance=embed,
-                                 pooled_projections=cond["pooled_projections"], encoder_hidden_states=states,
-                                 txt_ids=text_ids, img_ids=self._image_ids(model, width, height, states.dtype),
-                                 return_dict=False, **kwargs)[0]
+        embed = guidance.to(model.device, torch.float32) if module.config.guidance_embeds else None
+        return {"hidden_states": x, "timestep": t.expand(len(x)).to(x.dtype) / 1000, "guidance": embed,
+                "pooled_projections": cond["pooled_projections"], "encoder_hidden_states": states,
+                "txt_ids": torch.zeros(states.shape[1], 3, device=model.device, dtype=states.dtype),
+                "img_ids": self._image_ids(model, width, height, states.dtype)}
+
+    def denoise(self, model, x, t, cond: dict, guidance, width: int = 0, height: int = 0, **kwargs):
+        inputs = self._inputs(model, model.transformer, x, t, cond, guidance, width, height)
+        return model.transformer(**inputs, return_dict=False, **kwargs)[0]
+
+    def control_input(self, model, net, maps, generators):
+        if net.input_hint_block is not None:  # XLabs' nets read the image itself, in -1..1
+            return (maps * 2 - 1).to(model.dtype)
+        return self.pack(model, self.control_latents(model, maps))  # InstantX-style: packed latents
+
+    def control(self, model, net, x, t, cond: dict, guidance, control, width: int, height: int) -> dict:
+        inputs = self._inputs(model, net, x, t, cond, guidance, width, height)
+        double, single = net(**inputs, controlnet_cond=control, conditioning_scale=1.0, return_dict=False)
+        kwargs = {"controlnet_block_samples": list(double), "controlnet_blocks_repeat": net.input_hint_block is not None}
+        if single is not None:
+            kwargs["controlnet_single_block_samples"] = list(single)
+        return kwargs
 
 
 FAMILIES = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())

@@ -466,5 +466,25 @@ class Family:
         ``kwargs`` what extensions added."""
         raise NotImplementedError
 
+    #: The diffusers class of this family's ControlNets (``ControlNetModel``, ``SD3ControlNetModel`` ...).
+    controlnet_class: ClassVar[str] = ""
+    #: Config keys a ControlNet must share with the denoiser to steer it: key -> what it means.
+    controlnet_fit: ClassVar[dict] = {}
+
+    def control_input(self, model, net, maps, generators):
+        """What ``net`` takes as its control image, from maps (rows, 3, H, W) in 0..1 at the output size.
+
+        U-Net ControlNets take the map itself; transformer ControlNets mostly take its VAE
+        latents. It is computed once per batch, before the loop."""
+        return maps
+
+    def control(self, model, net, x, t, cond: dict, guidance, control, width: int, height: int) -> dict:
+        """Run ``net`` for this step: the denoiser keyword arguments that carry its residuals.
+
+        Arguments are those of ``denoise`` plus ``control`` (``control_input``'s value, rows as
+        ``x``). Every tensor in the result is scaled per row by the caller (ControlNet scale,
+        guidance start and end), and several nets' results add up."""
+        raise NotImplementedError(f"{self.description or self.name} has no ControlNet support")
+
     def prepare(self, model) -> None:
         """Called once after loading (memory options, dtype fixes)."""

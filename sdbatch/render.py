@@ -233,8 +233,10 @@ class Renderer:
 def add_kwargs(into: dict, more: dict) -> None:
     """Merge extension keyword arguments: values under one key add up (ControlNet residuals sum)."""
     for key, value in more.items():
-        if key not in into:
+        if key not in into or into[key] is None:
             into[key] = value
+        elif value is None or isinstance(value, bool):  # flags (FLUX's controlnet_blocks_repeat): any set
+            into[key] = into[key] or value
         elif isinstance(value, (list, tuple)):
             into[key] = [a + b for a, b in zip(into[key], value)]
         else:

@@ -401,6 +401,44 @@ def _single_file(folder: Path, single_file) -> Path:
 BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
 
 
+def build_tiny_controlnet(folder, model_folder, family: str, seed: int = 0) -> Path:
+    """Write a random ControlNet of ``family``'s diffusers class for the tiny model in ``model_folder``.
+
+    It starts from the denoiser's weights as diffusers' ``from_unet``/``from_transformer`` do;
+    its zero-initialised layers are drawn at random instead, so it steers from the start (a
+    zero ControlNet adds nothing and would pass any test vacuously).
+    """
+    import torch
+    from diffusers import (ControlNetModel, FluxControlNetModel, FluxTransformer2DModel, SD3ControlNetModel,
+                           SD3Transformer2DModel, UNet2DConditionModel)
+
+    model_folder, folder = Path(model_folder), Path(folder)
+
+    def make():
+        if family in ("sd1", "sdxl"):
+            net = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(model_folder / "unet"))
+            zeroed = [net.controlnet_cond_embedding.conv_out, net.controlnet_mid_block, *net.controlnet_down_blocks]
+        elif family == "sd3":
+            transformer = SD3Transformer2DModel.from_pretrained(model_folder / "transformer")
+            net = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
+            zeroed = [net.pos_embed_input, *net.controlnet_blocks]
+        elif family == "flux":
+            transformer = FluxTransformer2DModel.from_pretrained(model_folder / "transformer")
+            config = transformer.config
+            net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                                       attention_head_dim=config.attention_head_dim,
+                                                       num_attention_heads=config.num_attention_heads)
+            zeroed = [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]
+        else:
+            raise ValueError(f"no tiny ControlNet for family {family}")
+        for parameter in (p for layer in zeroed for p in layer.parameters()):
+            torch.nn.init.normal_(parameter, std=0.2)
+        return net
+
+    _seeded(seed, make).save_pretrained(folder)
+    return folder
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------

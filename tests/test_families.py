@@ -125,8 +125,6 @@ def test_sd3_without_t5_renders_and_is_another_item(write_job, registry, tiny_sd
 
 
 @pytest.mark.parametrize("family,conditioner,message", [
-    ("flux", "canny: {image: x.png, controlnet: c}", "ControlNets for FLUX.1 are not supported yet"),
-    ("sd3", "canny: {image: x.png, controlnet: c}", "ControlNets for Stable Diffusion 3/3.5 are not supported"),
     ("flux", "inpaint: {image: x.png, mask: m.png}", "FLUX.1 Fill"),
 ])
 def test_a_capability_that_does_not_apply_stops_at_its_line(family, conditioner, message, write_job, registry,
@@ -322,34 +320,98 @@ def test_inpainting_keeps_every_unmasked_pixel(family_model, write_job, registry
     assert not np.array_equal(image[mask == 255], source[mask == 255])
 
 
-def test_an_sdxl_controlnet_steers_and_scale_0_is_no_control(write_job, registry, tiny_sdxl, tmp_path):
+CONTROLNET_PIPELINES = {"sdxl": ("StableDiffusionXLControlNetPipeline", "image"),
+                        "sd3": ("StableDiffusion3ControlNetPipeline", "control_image"),
+                        "flux": ("FluxControlNetPipeline", "control_image")}
+
+
+def _controlnet_pipeline_pixels(family, folder, net_folder, map_path, seeds, registry):
+    """What the family's ControlNet pipeline renders for the same items (one generator per item).
+
+    sdbatch encodes a transformer ControlNet's map to the VAE posterior's mean, where the
+    pipelines sample it (SD3 from the global generator): the pipeline is made to take the mean too.
+    """
+    from unittest import mock
+
+    import diffusers
     import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from PIL import Image
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = ControlNetModel.from_unet(unet)
-        zero_convs = [net.controlnet_cond_embedding.conv_out, net.controlnet_mid_block, *net.controlnet_down_blocks]
-        for parameter in (p for conv in zero_convs for p in conv.parameters()):  # not zero: it must act
-            torch.nn.init.normal_(parameter, std=0.2)
-    net.save_pretrained(tmp_path / "cn")
+    cls, image_arg = CONTROLNET_PIPELINES[family]
+    _, guidance, sampler, negative = FAMILIES[family]
+    net = getattr(diffusers, _family_net_class(family)).from_pretrained(str(net_folder))
+    pipe = getattr(diffusers, cls).from_pretrained(str(folder), controlnet=net, local_files_only=True,
+                                                   torch_dtype=torch.float32)
+    pipe.scheduler = registry.require("sampler", sampler).obj.create(pipe.scheduler.config)
+    kwargs = {"negative_prompt": ["blurry"] * len(seeds)} if negative else {}
+    with mock.patch.object(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode()):
+        images = pipe(["a red circle on blue background"] * len(seeds), num_inference_steps=3,
+                      guidance_scale=guidance, height=64, width=64, output_type="np",
+                      generator=[torch.Generator().manual_seed(s) for s in seeds],
+                      **{image_arg: Image.open(map_path).convert("RGB")}, **kwargs).images
+    return [(image * 255).round().astype("uint8") for image in images]
+
+
+def _family_net_class(family: str) -> str:
+    from sdbatch_plugins.families import FAMILIES as BUILT_IN
+
+    return next(f.controlnet_class for f in BUILT_IN if f.name == family)
+
+
+@pytest.mark.parametrize("family", list(CONTROLNET_PIPELINES))
+def test_controlnets_match_the_family_pipeline_steer_and_scale_0_is_no_control(family, write_job, registry,
+                                                                             request, tmp_path):
+    from PIL import Image
+
+    from sdbatch.testfamilies import build_tiny_controlnet
+
+    folder = request.getfixturevalue(f"tiny_{family}")
+    net = build_tiny_controlnet(tmp_path / "cn", folder, family)
     edges = np.zeros((64, 64, 3), dtype="uint8")
     edges[20:44, 30:34] = 255
     Image.fromarray(edges).save(tmp_path / "map.png")
-    pixels = {}
-    for scale in (0.0, 1.0):
-        job = load_job(_job(write_job, tiny_sdxl, "sdxl", seeds=(4,), extra=f"""
+
+    def render(scale, seeds=(4,)):
+        job = load_job(_job(write_job, folder, family, seeds=seeds, extra=f"""
         conditioners:
           - text
-          - image: {{image: {tmp_path / 'map.png'}, controlnet: {tmp_path / 'cn'}, scale: {scale}}}
+          - image: {{image: {tmp_path / 'map.png'}, controlnet: {net}, scale: {scale}}}
         """), registry)
-        pixels[scale] = np.asarray(Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0].image)
-    plain = load_job(_job(write_job, tiny_sdxl, "sdxl", seeds=(4,)), registry)
+        items = list(job.plan)
+        renderer = Renderer(registry, "cpu", "float32", job.plan.models)
+        together = [np.asarray(r.image) for r in renderer.render(items)]
+        alone = [np.asarray(renderer.render([item])[0].image) for item in items]
+        assert all(np.array_equal(a, b) for a, b in zip(together, alone))  # batch independence with a net
+        return alone
+
+    plain = load_job(_job(write_job, folder, family, seeds=(4,)), registry)
     without = np.asarray(Renderer(registry, "cpu", "float32", plain.plan.models).render(list(plain.plan))[0].image)
-    assert np.array_equal(pixels[0.0], without)
-    assert not np.array_equal(pixels[1.0], without)
+    assert np.array_equal(render(0.0)[0], without)
+    steered = render(1.0, seeds=(4, 5))
+    assert not np.array_equal(steered[0], without)
+    expected = _controlnet_pipeline_pixels(family, folder, net, tmp_path / "map.png", (4, 5), registry)
+    for ours, theirs in zip(steered, expected):
+        difference = np.abs(ours.astype(int) - theirs.astype(int))
+        print(f"{family} ControlNet: max difference {difference.max()}, mean {difference.mean():.4f}")
+        assert difference.max() <= 1, family
+
+
+def test_a_controlnet_of_another_family_is_refused_at_its_line(write_job, registry, tiny_sd3, tiny_flux, tmp_path):
+    from PIL import Image
+
+    from sdbatch.testfamilies import build_tiny_controlnet
+
+    net = build_tiny_controlnet(tmp_path / "cn", tiny_flux, "flux")
+    Image.new("RGB", (64, 64)).save(tmp_path / "map.png")
+    path = _job(write_job, tiny_sd3, "sd3", seeds=(4,), extra=f"""
+        conditioners:
+          - text
+          - image: {{image: {tmp_path / 'map.png'}, controlnet: {net}}}
+        """)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    assert "is a FluxControlNetModel" in str(error.value) and "takes a SD3ControlNetModel" in str(error.value)
 
 
 def test_flux_images_record_distilled_guidance_as_forge_does(write_job, registry, tiny_flux, tmp_path):
