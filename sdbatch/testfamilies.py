@@ -401,12 +401,13 @@ def _single_file(folder: Path, single_file) -> Path:
 BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
 
 
-def build_tiny_controlnet(folder, model_folder, family: str, seed: int = 0) -> Path:
+def build_tiny_controlnet(folder, model_folder, family: str, seed: int = 0, hint: bool = False) -> Path:
     """Write a random ControlNet of ``family``'s diffusers class for the tiny model in ``model_folder``.
 
     It starts from the denoiser's weights as diffusers' ``from_unet``/``from_transformer`` do;
     its zero-initialised layers are drawn at random instead, so it steers from the start (a
-    zero ControlNet adds nothing and would pass any test vacuously).
+    zero ControlNet adds nothing and would pass any test vacuously). ``hint`` makes a FLUX net
+    XLabs-style: it reads the map itself through a convolutional hint block, not its latents.
     """
     import torch
     from diffusers import (ControlNetModel, FluxControlNetModel, FluxTransformer2DModel, SD3ControlNetModel,
@@ -428,6 +429,9 @@ def build_tiny_controlnet(folder, model_folder, family: str, seed: int = 0) -> P
             net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
                                                        attention_head_dim=config.attention_head_dim,
                                                        num_attention_heads=config.num_attention_heads)
+            if hint:  # 16 channels at 1/8 size, taken in 2x2 patches: the packed latents' 64
+                net = FluxControlNetModel.from_config({**net.config, "conditioning_embedding_channels": 16,
+                                                       "patch_size": 2})
             zeroed = [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]
         else:
             raise ValueError(f"no tiny ControlNet for family {family}")

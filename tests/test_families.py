@@ -322,10 +322,11 @@ def test_inpainting_keeps_every_unmasked_pixel(family_model, write_job, registry
 
 CONTROLNET_PIPELINES = {"sdxl": ("StableDiffusionXLControlNetPipeline", "image"),
                         "sd3": ("StableDiffusion3ControlNetPipeline", "control_image"),
-                        "flux": ("FluxControlNetPipeline", "control_image")}
+                        "flux": ("FluxControlNetPipeline", "control_image"),
+                        "flux-xlabs": ("FluxControlNetPipeline", "control_image")}  # a hint-block net
 
 
-def _controlnet_pipeline_pixels(family, folder, net_folder, map_path, seeds, registry):
+def _controlnet_pipeline_pixels(kind, folder, net_folder, map_path, seeds, registry):
     """What the family's ControlNet pipeline renders for the same items (one generator per item).
 
     sdbatch encodes a transformer ControlNet's map to the VAE posterior's mean, where the
@@ -338,7 +339,8 @@ def _controlnet_pipeline_pixels(family, folder, net_folder, map_path, seeds, reg
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from PIL import Image
 
-    cls, image_arg = CONTROLNET_PIPELINES[family]
+    cls, image_arg = CONTROLNET_PIPELINES[kind]
+    family = kind.split("-")[0]
     _, guidance, sampler, negative = FAMILIES[family]
     net = getattr(diffusers, _family_net_class(family)).from_pretrained(str(net_folder))
     pipe = getattr(diffusers, cls).from_pretrained(str(folder), controlnet=net, local_files_only=True,
@@ -359,15 +361,16 @@ def _family_net_class(family: str) -> str:
     return next(f.controlnet_class for f in BUILT_IN if f.name == family)
 
 
-@pytest.mark.parametrize("family", list(CONTROLNET_PIPELINES))
-def test_controlnets_match_the_family_pipeline_steer_and_scale_0_is_no_control(family, write_job, registry,
+@pytest.mark.parametrize("kind", list(CONTROLNET_PIPELINES))
+def test_controlnets_match_the_family_pipeline_steer_and_scale_0_is_no_control(kind, write_job, registry,
                                                                              request, tmp_path):
     from PIL import Image
 
     from sdbatch.testfamilies import build_tiny_controlnet
 
+    family = kind.split("-")[0]
     folder = request.getfixturevalue(f"tiny_{family}")
-    net = build_tiny_controlnet(tmp_path / "cn", folder, family)
+    net = build_tiny_controlnet(tmp_path / "cn", folder, family, hint=kind.endswith("xlabs"))
     edges = np.zeros((64, 64, 3), dtype="uint8")
     edges[20:44, 30:34] = 255
     Image.fromarray(edges).save(tmp_path / "map.png")
@@ -390,10 +393,10 @@ def test_controlnets_match_the_family_pipeline_steer_and_scale_0_is_no_control(f
     assert np.array_equal(render(0.0)[0], without)
     steered = render(1.0, seeds=(4, 5))
     assert not np.array_equal(steered[0], without)
-    expected = _controlnet_pipeline_pixels(family, folder, net, tmp_path / "map.png", (4, 5), registry)
+    expected = _controlnet_pipeline_pixels(kind, folder, net, tmp_path / "map.png", (4, 5), registry)
     for ours, theirs in zip(steered, expected):
         difference = np.abs(ours.astype(int) - theirs.astype(int))
-        print(f"{family} ControlNet: max difference {difference.max()}, mean {difference.mean():.4f}")
+        print(f"{kind} ControlNet: max difference {difference.max()}, mean {difference.mean():.4f}")
         assert difference.max() <= 1, family
 
 
