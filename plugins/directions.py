@@ -71,8 +71,12 @@ class LocalBasis(DirectionFinder):
         import torch
 
         x_t, step, timestep = source.latents_at(options.timestep)
-        embeds = source.embeddings(options.prompt if options.prompt is not None else source.prompt)
-        vectors, values = local_basis(model.unet, x_t, timestep, embeds, options.count, options.iterations,
+        cond = source.conditioning(options.prompt if options.prompt is not None else source.prompt)
+        # the family's U-Net inputs for one row (SDXL adds its pooled and size conditioning)
+        inputs = model.family.unet_inputs(model, x_t[None].to(model.device, model.dtype),
+                                          {name: value[None] for name, value in cond.items()},
+                                          source.item.width, source.item.height)
+        vectors, values = local_basis(model.unet, x_t, timestep, inputs, options.count, options.iterations,
                                       seed=source.seed)
         norm = float(x_t.norm())
         return [
@@ -82,14 +86,37 @@ class LocalBasis(DirectionFinder):
         ] if torch.is_tensor(vectors) else []
 
 
-def mid_block_features(unet, x_t, timestep: int, embeds):
-    """h: the U-Net's bottleneck (mid-block output) for one latent, as a differentiable function."""
+def _unet_inputs(conditioning) -> dict:
+    """U-Net keyword arguments for one row: a dict as the family gives it, or text states (tokens, features)."""
+    if isinstance(conditioning, dict):
+        return conditioning
+    return {"encoder_hidden_states": conditioning[None]}
+
+
+def _mapped(value, convert):
+    """``convert`` applied to every tensor in nested dicts."""
+    return {k: _mapped(v, convert) for k, v in value.items()} if isinstance(value, dict) else convert(value)
+
+
+def mid_block_features(unet, x_t, timestep: int, conditioning):
+    """h: the U-Net's bottleneck (mid-block output) for one latent, as a differentiable function.
+
+    ``conditioning`` is the U-Net's keyword arguments for one row (``encoder_hidden_states``
+    and, on SDXL, ``added_cond_kwargs``), or text states (tokens, features) alone.
+    """
     import torch
 
+    inputs = _unet_inputs(conditioning)
     sample = x_t[None]
-    t = torch.tensor([timestep], device=sample.device)
-    emb = unet.time_embedding(unet.time_proj(t).to(sample.dtype))
-    hidden = embeds[None]
+    hidden = inputs["encoder_hidden_states"]
+    t_emb = unet.get_time_embed(sample=sample, timestep=torch.tensor([timestep], device=sample.device))
+    emb = unet.time_embedding(t_emb)
+    extra = unet.get_aug_embed(emb=emb, encoder_hidden_states=hidden,
+                               added_cond_kwargs=inputs.get("added_cond_kwargs") or {})
+    if extra is not None:  # SDXL: pooled text and size micro-conditioning
+        emb = emb + extra
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
     sample = unet.conv_in(sample)
     for block in unet.down_blocks:
         if getattr(block, "has_cross_attention", False):
@@ -99,7 +126,7 @@ def mid_block_features(unet, x_t, timestep: int, embeds):
     return unet.mid_block(sample, emb, encoder_hidden_states=hidden)[0]
 
 
-def local_basis(unet, x_t, timestep: int, embeds, count: int, iterations: int, seed: int = 0):
+def local_basis(unet, x_t, timestep: int, conditioning, count: int, iterations: int, seed: int = 0):
     """(n x count orthonormal right singular vectors, singular values), largest first.
 
     Subspace iteration on J^T J with J = dh/dx_t, over ``2 * count`` vectors so close
@@ -118,7 +145,7 @@ def local_basis(unet, x_t, timestep: int, embeds, count: int, iterations: int, s
         with torch.inference_mode(False), torch.enable_grad():
             device = next(unet.parameters()).device
             x = x_t.detach().clone().float().to(device)
-            context = embeds.detach().clone().float().to(device)
+            context = _mapped(_unet_inputs(conditioning), lambda v: v.detach().clone().float().to(device))
 
             def h(z):
                 return mid_block_features(unet, z, timestep, context)

@@ -47,7 +47,11 @@ class EditConditioner(Conditioner):
                 step = edit_step(state.timesteps, direction.meta["timestep"])
                 extension.latent_edits[row] = (step, strength * direction.tensor)
             elif direction.space == "guidance":
-                extension.sega_rows.append((row, strength, direction))
+                # the editing prompt's whole conditioning (SDXL and SD3 pool it too); its states are the direction's
+                prompt = direction.meta.get("prompt")
+                cond = dict(source.conditioning(prompt)) if prompt is not None else {}
+                cond["encoder_hidden_states"] = direction.tensor
+                extension.sega_rows.append((row, strength, direction, cond))
             else:
                 raise ValueError(f"direction {direction.name!r} has unknown space {direction.space!r}")
         return extension if extension.latent_edits or extension.sega_rows else None
@@ -79,7 +83,7 @@ class EditExtension(Extension):
     def __init__(self, state):
         self.state = state
         self.latent_edits: dict = {}  # row -> (step index, delta)
-        self.sega_rows: list = []  # (row, strength, direction)
+        self.sega_rows: list = []  # (row, strength, direction, the editing prompt's conditioning)
 
     def before_step(self, step, t, latents):
         for row, (at_step, delta) in self.latent_edits.items():
@@ -96,11 +100,11 @@ class EditExtension(Extension):
         state, model = self.state, self.state.model
         first = state.items[0]
         addition = torch.zeros_like(uncond)
-        for row, strength, direction in self.sega_rows:
+        for row, strength, direction, edit_cond in self.sega_rows:
             if step < direction.meta["warmup"] * state.items[row].steps:
                 continue
             cond = {name: value[row:row + 1] for name, value in state.prompt.items()}
-            cond["encoder_hidden_states"] = direction.tensor.to(x.device, x.dtype)[None]
+            cond.update({name: value.to(x.device, x.dtype)[None] for name, value in edit_cond.items()})
             guidance = torch.ones(1)
             edit = model.family.denoise(model, x[row:row + 1], t, cond, guidance, first.width, first.height)[0]
             guide = edit - uncond[row]

@@ -100,13 +100,9 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                         "StableDiffusionXLInpaintPipeline", "StableDiffusionXLControlNetPipeline")
     components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint", "text_edit"})
-    limits = {
-        "local_basis": "local-basis edits are not supported on SDXL yet (its U-Net Jacobian needs the pooled and "
-                       "size conditioning); use prompt-difference directions",
-        "sega": "semantic guidance is not supported on SDXL yet; use prompt-difference directions",
-        "attention": "attention interpolation is not supported on SDXL yet",
-    }
+    capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint", "text_edit",
+                              "local_basis", "sega"})
+    limits = {"attention": "attention interpolation is not supported on SDXL yet"}
     defaults = {"width": 1024, "height": 1024, "steps": 30, "guidance": 5.0, "sampler": "Euler"}
 
     def matches_keys(self, keys) -> bool:

@@ -466,6 +466,11 @@ class Family:
         ``kwargs`` what extensions added."""
         raise NotImplementedError
 
+    def unet_inputs(self, model, x, cond: dict, width: int, height: int) -> dict:
+        """U-Net families: the U-Net's conditioning keyword arguments for rows ``x`` (local-basis
+        edits and ControlNets call the U-Net's parts with them). Needed for ``local_basis``."""
+        raise NotImplementedError(f"{self.description or self.name} has no U-Net")
+
     #: The diffusers class of this family's ControlNets (``ControlNetModel``, ``SD3ControlNetModel`` ...).
     controlnet_class: ClassVar[str] = ""
     #: Config keys a ControlNet must share with the denoiser to steer it: key -> what it means.

@@ -169,6 +169,69 @@ def test_local_basis_on_flux_names_the_reason(write_job, registry, tiny_flux):
     assert "local-basis edits need a U-Net mid-block; FLUX.1 has" in str(error.value)
 
 
+def test_mid_block_features_equal_the_sdxl_unets_own(registry, write_job, tiny_sdxl):
+    """Local-basis edits differentiate the U-Net's bottleneck; on SDXL it must see the pooled and size inputs."""
+    import torch
+
+    from sdbatch_plugins.directions import mid_block_features
+
+    job = load_job(_job(write_job, tiny_sdxl, "sdxl", seeds=(1,)), registry)
+    model = Renderer(registry, "cpu", "float32", job.plan.models).model_for(job.plan.item_at(0))
+    cond = {name: value[None] for name, value in model.encode_prompt("a red circle").items()}
+    x_t = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(2))
+    inputs = model.family.unet_inputs(model, x_t[None], cond, 64, 64)
+    seen = []
+    hook = model.unet.mid_block.register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        with torch.no_grad():
+            model.unet(x_t[None], torch.tensor([500]), **inputs)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        ours = mid_block_features(model.unet, x_t, 500, inputs)
+        added = inputs["added_cond_kwargs"]
+        other = {**inputs, "added_cond_kwargs": {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}}
+        without_pooled = mid_block_features(model.unet, x_t, 500, other)
+    assert torch.allclose(ours, seen[0][0], atol=1e-5)
+    assert not torch.allclose(without_pooled, seen[0][0], atol=1e-3)  # the added conditioning matters
+
+
+@pytest.mark.parametrize("direction", [
+    "{kind: local-basis, prompt: 'a circle', timestep: 0.5, count: 1, iterations: 3}",
+    "{kind: sega, prompt: 'blue', warmup: 0}",
+])
+def test_sdxl_local_basis_and_sega_edits_render(direction, write_job, registry, tiny_sdxl):
+    edit = write_job(f"""
+        model: {tiny_sdxl}
+        steps: 3
+        guidance: 5
+        width: 64
+        height: 64
+        edit:
+          source: {{prompt: "a red circle on blue background", seed: 7}}
+          directions:
+            - {direction}
+          strengths: [-1, 0, 1]
+    """, "edit.yaml")
+    still = write_job(f"""
+        model: {tiny_sdxl}
+        steps: 3
+        guidance: 5
+        width: 64
+        height: 64
+        sampler: DDIM
+        prompt: "a red circle on blue background"
+        seed: 7
+    """, "still.yaml")
+    job, plain = load_job(edit, registry), load_job(still, registry)
+    renderer = Renderer(registry, "cpu", "float32", {**job.plan.models, **plain.plan.models})
+    items = list(job.plan)
+    edited = {i.extra["edit"]["strength"]: np.asarray(r.image) for i, r in zip(items, renderer.render(items))}
+    unedited = np.asarray(renderer.render([plain.plan.item_at(0)])[0].image)
+    assert np.array_equal(edited[0.0], unedited)
+    assert not np.array_equal(edited[1.0], unedited) and not np.array_equal(edited[-1.0], unedited)
+
+
 # ---------------------------------------------------------------- a family from a plugin
 @dataclass
 class _Recorder:
