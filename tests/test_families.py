@@ -232,6 +232,30 @@ def test_sdxl_local_basis_and_sega_edits_render(direction, write_job, registry, 
     assert not np.array_equal(edited[1.0], unedited) and not np.array_equal(edited[-1.0], unedited)
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_kill_9_then_resume_is_byte_identical_per_family(family, request, write_job, tmp_path, kill_run_after):
+    import subprocess
+    import sys
+
+    from sdbatch.cli import main
+
+    folder = request.getfixturevalue(f"tiny_{family}")
+    job = _job(write_job, folder, family, seeds=range(1, 25), extra="batch_size: 4\n        outputs: [png]\n        threads: 1")
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert main(["run", str(job), "-o", str(clean), "-q"]) == 0
+    finished = kill_run_after(job, killed, finished=3, timeout=300)
+    assert 0 < finished < 24
+    resumed = subprocess.run([sys.executable, "-m", "sdbatch", "run", str(job), "-o", str(killed), "-q"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def pngs(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+    files = pngs(clean)
+    assert len(files) == 24 and pngs(killed) == files
+
+
 # ---------------------------------------------------------------- a family from a plugin
 @dataclass
 class _Recorder:
