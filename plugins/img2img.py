@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sdbatch import hookimpl
-from sdbatch.api import Conditioner, Extension
+from sdbatch.api import Conditioner, Extension, noised
 
 from .control import IMAGE_HELP, field_meta as _m, input_file, load_image
 
@@ -74,11 +74,7 @@ class Img2ImgExtension(Extension):
 
     def noised(self, timestep):
         """The clean latents noised to ``timestep`` with each item's own noise."""
-        scheduler, noise = self.state.scheduler, self.state.noise
-        timestep = timestep.reshape(1)
-        if hasattr(scheduler, "scale_noise"):  # flow matching: x_t = (1 - sigma) x_0 + sigma noise
-            return scheduler.scale_noise(self.clean, timestep, noise)
-        return scheduler.add_noise(self.clean, noise, timestep.repeat(len(noise)))
+        return noised(self.state.scheduler, self.clean, self.state.noise, timestep)
 
     def start(self, state) -> None:
         state.x = self.noised(state.timesteps[0])

@@ -319,7 +319,8 @@ class Extension:
 
     The renderer calls them in this order: ``start`` once, then for every step
     ``before_step`` -> ``model_input`` -> ``denoiser_kwargs`` -> (denoiser, guidance) ->
-    ``guide`` -> (scheduler step) -> ``after_step``; after decoding, ``finish`` per row.
+    ``guide`` -> (scheduler step) -> ``after_step``; after decoding, ``finish`` per row, then
+    ``finish_batch`` once (before the items' post-processors).
     Rows are the batch's items; under classifier-free guidance the denoiser sees them
     twice, ``[uncond rows; cond rows]`` (``state.for_guidance`` doubles a per-row tensor).
     """
@@ -352,6 +353,22 @@ class Extension:
     def finish(self, row: int, image):
         """The decoded PIL image of one row, changed (e.g. the original pasted outside a mask)."""
         return image
+
+    def finish_batch(self, images: list, latents) -> list:
+        """All rows' finished PIL images (items only, no padding) and the loop's final latents
+        (rows, packed as the denoiser sees them); returns the images, e.g. after a hires fix's
+        second pass at a larger size (``state.renderer.refine``)."""
+        return images
+
+
+def noised(scheduler, clean, noise, timestep):
+    """Clean latents noised to ``timestep`` with the given noise, as diffusers' image-to-image pipelines do.
+
+    Flow-matching schedulers mix (``(1 - sigma) x_0 + sigma noise``); diffusion ones add noise."""
+    timestep = timestep.reshape(1)
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(clean, timestep, noise)
+    return scheduler.add_noise(clean, noise, timestep.repeat(len(noise)))
 
 
 @dataclass

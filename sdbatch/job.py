@@ -149,6 +149,9 @@ class JobSpec:
     # LoRAs and embeddings (issue 15): they become the lora / embeddings conditioners, run first
     lora_dir: str | None = field(default=None, metadata=_m(folder=True, help="where <lora:NAME:w> names resolve"))
     loras: list[LoraSpec] = field(default_factory=list)
+    # the hires fix (issue 15): the hires conditioner, run last
+    hires: dict | None = field(default=None, metadata=_m(
+        help="a second pass at a larger size: {scale, width, height, steps, denoise, upscaler}"))
     embeddings: str | None = field(default=None, metadata=_m(folder=True, help="textual-inversion embeddings, used by name"))
 
 
@@ -271,6 +274,7 @@ class _Validator:
         if spec.animation is not None and spec.edit is not None:
             self.fail(("edit",), "a job is either an animation or an edit, not both")
         self._network_uses(spec, uses)
+        self._hires_use(spec, uses)
         writers = self._writers(uses["outputs"])
         self._sampler(spec.sampler, ("sampler",))
         if spec.model_family is not None and self.registry.get("family", spec.model_family) is None:
@@ -340,6 +344,24 @@ class _Validator:
                 continue
             uses["conditioners"].insert(0, use)
             positions.insert(0, path)
+
+    def _hires_use(self, spec: JobSpec, uses: dict) -> None:
+        """``hires:`` as the hires conditioner's use, after every other conditioner (its options checked there)."""
+        if spec.hires is None:
+            return
+        entry = self.registry.get("conditioner", "hires")
+        if entry is None:
+            self.fail(("hires",), self.registry.unknown_message("conditioner", "hires"))
+            return
+        if any(use.name == "hires" for use in uses["conditioners"]):
+            self.fail(("hires",), "the hires fix is given twice (hires: and under conditioners)")
+            return
+        try:
+            parsed = self.checker.convert(spec.hires, entry.obj.Options, ("hires",))
+        except Invalid:
+            return
+        uses["conditioners"].append(PluginUse(entry.name, _as_plain(parsed, spec.hires)))
+        self.positions.setdefault("conditioners", []).append(("hires",))
 
     def _network_axes(self, spec: JobSpec, uses: dict) -> dict:
         """``lora: [none, a, b]`` and ``loras[N].weight`` sweep axes: name -> (type, meta, option path)."""

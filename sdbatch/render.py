@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .api import BatchSplit, Extension, Item, RenderState
+from .api import BatchSplit, Extension, Item, RenderState, noised
 from .latents import initial_noise, item_generator
 from .models import Model, ModelCache, resolve_device
 from .plugins import plugin_errors
@@ -71,10 +71,12 @@ class Renderer:
         latents = self.denoise(state, extensions)
         return self.finish(items, state, extensions, latents)
 
-    def prepare(self, items: list[Item], stop_at: int | None = None, given=None) -> tuple[RenderState, list]:
+    def prepare(self, items: list[Item], stop_at: int | None = None, given=None,
+                strength: float | None = None) -> tuple[RenderState, list]:
         """Steps 1-4: check, scheduler and timesteps, conditioning, initial latents.
 
-        ``stop_at`` keeps only the first steps; ``given`` is an x_T per row (None: the seed's noise)."""
+        ``stop_at`` keeps only the first steps; ``given`` is an x_T per row (None: the seed's noise);
+        ``strength`` runs the last fraction of the schedule (else the conditioners' ``strength``)."""
         # 1. check inputs: one batch key, padded to the fixed batch shape
         keys = {item.batch_key() for item in items}
         if len(keys) != 1:
@@ -86,7 +88,7 @@ class Renderer:
                             latents=[None] * rows, outputs=[{} for _ in padded])
         uses = self._uses(padded)
         # 2. scheduler and timesteps (a fresh scheduler: they keep per-run state)
-        state.strength = self._strength(uses)
+        state.strength = strength if strength is not None else self._strength(uses)
         state.scheduler, state.timesteps = self._timesteps(model, padded[0], state.strength)
         if stop_at is not None:
             state.timesteps = state.timesteps[:stop_at]
@@ -138,17 +140,32 @@ class Renderer:
         return latents
 
     def finish(self, items: list[Item], state: RenderState, extensions: list, latents) -> list[Rendered]:
-        """Steps 6-7: decode, then per-row finishing (extensions) and the item's post-processors."""
+        """Steps 6-7: decode, then finishing (extensions, per row and per batch) and the items' post-processors."""
         model, first = state.model, items[0]
         images = self._decode(model, model.family.unpack(model, latents, first.width, first.height))
-        results = []
-        for row, (item, image) in enumerate(zip(items, images)):
+        pils = []
+        for row, image in zip(range(len(items)), images):
             pil = _to_pil(image)
             for extension in extensions:
                 pil = extension.finish(row, pil)
-            pil = self._postprocess(item, pil)
-            results.append(Rendered(item, pil, model.hash, outputs=state.outputs[row]))
-        return results
+            pils.append(pil)
+        for extension in extensions:
+            pils = extension.finish_batch(pils, latents[: len(items)])
+        return [Rendered(item, self._postprocess(item, pil), model.hash, outputs=state.outputs[row])
+                for row, (item, pil) in enumerate(zip(items, pils))]
+
+    @torch.inference_mode()
+    def refine(self, items: list[Item], clean, strength: float) -> list[Rendered]:
+        """Render ``items`` from clean latents (one row each, unpacked, at the items' size), noised with
+        each item's own noise and denoised over the last ``strength`` of the schedule: image-to-image
+        from tensors, as a hires fix's second pass runs. The items' conditioners must not set a strength."""
+        state, extensions = self.prepare(items, strength=strength)
+        model = state.model
+        rows = clean.to(model.device, model.dtype)
+        if len(rows) < len(state.items):  # the batch's padding rows start from the last item's
+            rows = torch.cat([rows, rows[-1:].expand(len(state.items) - len(rows), *rows.shape[1:])])
+        state.x = noised(state.scheduler, model.family.pack(model, rows), state.noise, state.timesteps[0])
+        return self.finish(items, state, extensions, self.denoise(state, extensions))
 
     @torch.inference_mode()
     def latents_at(self, items: list[Item], stop_at: int, given=None):
