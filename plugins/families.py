@@ -9,39 +9,13 @@ has its own noise, guidance scale and conditioning, never shared with its batch.
 from __future__ import annotations
 
 import inspect
-import sys
 
 from sdbatch import hookimpl
 from sdbatch.api import Family
 
 ALL_CAPABILITIES = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint",
                               "text_edit", "local_basis", "sega", "attention"})
-
-
-# ---------------------------------------------------------------- CLIP helpers
-def _tokens(tokenizer, text: str, length: int | None = None):
-    """Token ids (1, length) padded and truncated as the pipelines do; warns when text is cut."""
-    length = length or tokenizer.model_max_length
-    ids = tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    if len(tokenizer(text, truncation=False).input_ids) > length:
-        print(f"sdbatch: prompt truncated to {length} tokens: {text[:60]!r}...", file=sys.stderr)
-    return ids
-
-
-def clip_states(encoder, tokenizer, text: str, device, layer: int = 1):
-    """(hidden states (tokens, features), output[0]) of one 77-token prompt.
-
-    ``layer`` counts from the end: 1 is the last hidden state, 2 the one before, taken as it
-    is (SDXL and SD3 use the penultimate layer without the final norm; SD 1.x and SDXL
-    prompts go through ``prompts.clip_encoder``, which also does A1111's syntax and chunks).
-    """
-    output = encoder(_tokens(tokenizer, text).to(device), output_hidden_states=True)
-    return output.hidden_states[-layer][0], output[0][0]
-
-
-def t5_states(encoder, tokenizer, text: str, device, length: int):
-    """T5 encoder states (length, features) of one prompt."""
-    return encoder(_tokens(tokenizer, text, length).to(device), output_hidden_states=False)[0][0]
+T5_LIMIT = "t5_tokens applies to families with a T5 encoder (SD3/3.5, FLUX.1); {name} has none"
 
 
 # ---------------------------------------------------------------- SD 1.x / 2.x
@@ -55,6 +29,7 @@ class StableDiffusion(Family):
                         "StableDiffusionInpaintPipeline", "StableDiffusionControlNetPipeline")
     components = ("unet", "vae", "text_encoder", "tokenizer")
     capabilities = ALL_CAPABILITIES
+    limits = {"t5": T5_LIMIT.format(name="Stable Diffusion 1.x/2.x")}
     defaults = {"width": 512, "height": 512, "steps": 20, "guidance": 7.0, "sampler": "Euler a"}
 
     def matches_keys(self, keys) -> bool:
@@ -102,7 +77,8 @@ class StableDiffusionXL(StableDiffusion):
     components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint", "text_edit",
                               "local_basis", "sega"})
-    limits = {"attention": "attention interpolation is not supported on SDXL yet"}
+    limits = {"attention": "attention interpolation is not supported on SDXL yet",
+              "t5": T5_LIMIT.format(name="Stable Diffusion XL")}
     defaults = {"width": 1024, "height": 1024, "steps": 30, "guidance": 5.0, "sampler": "Euler"}
 
     def matches_keys(self, keys) -> bool:
@@ -198,7 +174,7 @@ class StableDiffusion3(_FlowFamily):
     components = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                   "tokenizer", "tokenizer_2", "tokenizer_3")
     capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint",
-                              "text_edit", "sega"})
+                              "text_edit", "sega", "t5"})
     limits = {**_FlowFamily.limits, "clip_skip": "{name}: clip_skip applies to its CLIP encoders only"}
     controlnet_class = "SD3ControlNetModel"
     controlnet_fit = {"attention_head_dim": "attention head size", "num_attention_heads": "attention heads",
@@ -215,17 +191,23 @@ class StableDiffusion3(_FlowFamily):
         return {"text_encoder_3": None, "tokenizer_3": None} if memory.get("t5") == "off" else {}
 
     def encode_prompt(self, model, text: str, options: dict) -> dict:
+        # A1111 syntax on every encoder: CLIP-L and CLIP-G read the first 77-token chunk (as the
+        # pipeline does), T5 the whole prompt up to t5_tokens; weights use A1111's emphasis on each.
         import torch
 
-        layer = options.get("clip_skip", 1) + 1
-        clip_l, pooled_l = clip_states(model.text_encoder, model.tokenizer, text, model.device, layer)
-        clip_g, pooled_g = clip_states(model.text_encoder_2, model.tokenizer_2, text, model.device, layer)
+        from .prompts import clip_encoder, encode_t5, first_chunk
+
+        skip = options.get("clip_skip", 1)
+        clip_l, pooled_l = first_chunk(model.tokenizer, clip_encoder(model.text_encoder, skip, penultimate=True), text)
+        clip_g, pooled_g = first_chunk(model.tokenizer_2, clip_encoder(model.text_encoder_2, skip, penultimate=True),
+                                       text)
         width = model.transformer.config.joint_attention_dim
         clip = torch.nn.functional.pad(torch.cat([clip_l, clip_g], dim=-1), (0, width - clip_l.shape[-1] - clip_g.shape[-1]))
+        length = options.get("t5_tokens") or self.t5_length
         if model.components.get("text_encoder_3") is not None:
-            t5 = t5_states(model.text_encoder_3, model.tokenizer_3, text, model.device, self.t5_length)
+            t5 = encode_t5(model.text_encoder_3, model.tokenizer_3, text, length)
         else:
-            t5 = torch.zeros(self.t5_length, width, device=model.device, dtype=clip.dtype)
+            t5 = torch.zeros(length, width, device=model.device, dtype=clip.dtype)
         return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2).to(model.dtype),
                 "pooled_projections": torch.cat([pooled_l, pooled_g], dim=-1).to(model.dtype)}
 
@@ -267,7 +249,7 @@ class Flux(_FlowFamily):
     pipeline = "FluxPipeline"
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
     components = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    capabilities = frozenset({"controlnet", "img2img", "text_edit"})
+    capabilities = frozenset({"controlnet", "img2img", "text_edit", "t5"})
     controlnet_class = "FluxControlNetModel"
     controlnet_fit = {"attention_head_dim": "attention head size", "num_attention_heads": "attention heads",
                       "joint_attention_dim": "text state size", "in_channels": "latent channels"}
@@ -285,9 +267,13 @@ class Flux(_FlowFamily):
         return any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)
 
     def encode_prompt(self, model, text: str, options: dict) -> dict:
-        pooled = model.text_encoder(_tokens(model.tokenizer, text).to(model.device), output_hidden_states=False)
-        t5 = t5_states(model.text_encoder_2, model.tokenizer_2, text, model.device, self.t5_length)
-        return {"encoder_hidden_states": t5.to(model.dtype), "pooled_projections": pooled.pooler_output[0].to(model.dtype)}
+        # A1111 syntax: T5 reads the whole prompt (up to t5_tokens) with its weights; CLIP's pooled
+        # vector comes from the first 77-token chunk (a pooled vector has no tokens to weight)
+        from .prompts import clip_encoder, encode_t5, first_chunk
+
+        _, pooled = first_chunk(model.tokenizer, clip_encoder(model.text_encoder), text, emphasis=False)
+        t5 = encode_t5(model.text_encoder_2, model.tokenizer_2, text, options.get("t5_tokens") or self.t5_length)
+        return {"encoder_hidden_states": t5.to(model.dtype), "pooled_projections": pooled.to(model.dtype)}
 
     def uses_cfg(self, model) -> bool:
         return False

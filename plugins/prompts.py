@@ -396,3 +396,61 @@ def encode_prompts(tokenizer, encoder: Encoder, prompts: Sequence[str], *, empha
         hiddens = pad_chunks(hiddens, encode_prompt_chunks(tokenizer, encoder, "")[0])
     pooled = [pool for _, pool in encoded]
     return torch.stack(hiddens), None if pooled[0] is None else torch.stack(pooled)
+
+
+# ---------------------------------------------------------------------------------------------
+# T5 (SD3, FLUX.1): one sequence, no chunks; the same syntax and emphasis
+
+
+def t5_tokens(tokenizer, prompt: str, length: int) -> tuple[list[int], list[float], bool]:
+    """A prompt (A1111 syntax) as ``length`` T5 token ids with a weight each, and whether it was cut.
+
+    T5 reads one sequence of any length with relative positions, so there are no chunks: the
+    fragments' tokens follow each other (BREAK is dropped), then EOS and padding, as the
+    pipelines' ``max_sequence_length`` padding does. A plain prompt gives the pipelines' ids.
+    """
+    text, _ = extract_networks(prompt)
+    fragments = [(fragment, weight) for fragment, weight in parse_prompt_attention(text)
+                 if (fragment, weight) != BREAK]
+    ids_per_fragment = tokenizer([f for f, _ in fragments], add_special_tokens=False)["input_ids"] if fragments else []
+    ids, weights = [], []
+    for (_, weight), fragment_ids in zip(fragments, ids_per_fragment):
+        ids += fragment_ids
+        weights += [weight] * len(fragment_ids)
+    cut = len(ids) > length - 1
+    ids, weights = ids[:length - 1] + [tokenizer.eos_token_id], weights[:length - 1] + [1.0]
+    padding = length - len(ids)
+    return ids + [tokenizer.pad_token_id] * padding, weights + [1.0] * padding, cut
+
+
+def encode_t5(encoder, tokenizer, prompt: str, length: int, *, emphasis: bool = True):
+    """T5 hidden states (length, features) of a prompt, weighted with A1111's "Original" emphasis
+    over the whole sequence (what Forge does for FLUX.1's T5); warns when the prompt is cut."""
+    import sys
+
+    import torch
+
+    ids, weights, cut = t5_tokens(tokenizer, prompt, length)
+    if cut:
+        print(f"sdbatch: prompt cut to {length} T5 tokens (text: {{t5_tokens: 512}} reads more): "
+              f"{prompt[:60]!r}...", file=sys.stderr)
+    with torch.inference_mode():
+        hidden = encoder(torch.tensor([ids], device=encoder.device), output_hidden_states=False)[0]
+        weights = torch.tensor([weights])
+        if emphasis and bool((weights != 1.0).any()):
+            hidden = apply_emphasis(hidden, weights)
+    return hidden[0]
+
+
+def first_chunk(tokenizer, encoder: Encoder, prompt: str, *, emphasis: bool = True):
+    """(hidden states (77, features), pooled) of a prompt's first A1111 chunk: the CLIP parts of
+    SD3 and FLUX.1, whose pipelines read 77 tokens (T5 carries the long context)."""
+    import torch
+
+    chunk = prompt_chunks(tokenizer, prompt)[0]
+    weights = torch.tensor([chunk.weights])
+    with torch.inference_mode():
+        hidden, pooled = encoder(torch.tensor([chunk.tokens]))
+        if emphasis and bool((weights != 1.0).any()):
+            hidden = apply_emphasis(hidden, weights)
+    return hidden[0], None if pooled is None else pooled[0]

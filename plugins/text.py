@@ -11,6 +11,8 @@ from sdbatch.api import BatchSplit, Conditioner
 @dataclass
 class TextOptions:
     clip_skip: int = field(default=1, metadata={"min": 1, "max": 12, "help": "1 uses the last layer, 2 the one before (A1111's Clip skip)"})
+    t5_tokens: int = field(default=0, metadata={"min": 0, "max": 512, "help": "T5 sequence length (SD3, FLUX.1): "
+                                                "0 is the pipeline's (SD3 256, FLUX.1 512); longer prompts are cut"})
 
 
 class TextConditioner(Conditioner):
@@ -30,13 +32,16 @@ class TextConditioner(Conditioner):
         state.prompt = stack_rows([prompt for prompt, _ in pairs])
         state.negative = stack_rows([negative for _, negative in pairs])
 
+    batch_options = ("t5_tokens",)  # one sequence length per batch
+
     def requirements(self, options) -> tuple:
-        return ("clip_skip",) if options.clip_skip > 1 else ()
+        return (("clip_skip",) if options.clip_skip > 1 else ()) + (("t5",) if options.t5_tokens else ())
 
 
 def prompt_conditioning(model, text: str, options) -> dict:
     """One prompt's conditioning (name -> tensor), cached per model."""
-    return model.encode_prompt(text, clip_skip=options.clip_skip)
+    extra = {"t5_tokens": options.t5_tokens} if getattr(options, "t5_tokens", 0) else {}
+    return model.encode_prompt(text, clip_skip=options.clip_skip, **extra)
 
 
 def equal_length(model, prompt: dict, negative: dict, options) -> tuple[dict, dict]:

@@ -430,7 +430,7 @@ class Family:
     #: "eps" families take the diffusion samplers; "flow" families the flow-matching ones.
     sampler_kind: ClassVar[str] = "eps"
     #: What applies to it: "cfg", "negative_prompt", "clip_skip", "controlnet", "img2img",
-    #: "inpaint", "text_edit", "local_basis", "sega", "attention".
+    #: "inpaint", "text_edit", "local_basis", "sega", "attention", "t5".
     capabilities: ClassVar[frozenset] = frozenset()
     #: Why a missing capability does not apply (shown at the YAML line that asks for it).
     limits: ClassVar[dict] = {}

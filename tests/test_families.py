@@ -256,6 +256,61 @@ def test_kill_9_then_resume_is_byte_identical_per_family(family, request, write_
     assert len(files) == 24 and pngs(killed) == files
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_t5_reads_a1111_syntax_with_weights_and_long_context(family, request, write_job, registry, capsys):
+    import torch
+    from transformers import AutoTokenizer
+
+    from sdbatch_plugins.prompts import apply_emphasis, t5_tokens
+
+    folder = request.getfixturevalue(f"tiny_{family}")
+    t5_name = "tokenizer_3" if family == "sd3" else "tokenizer_2"
+    tokenizer = AutoTokenizer.from_pretrained(folder / t5_name)
+    plain = "a red circle on blue background"
+    ids, weights, cut = t5_tokens(tokenizer, plain + " <lora:ink:0.5> BREAK", 64)
+    assert ids == tokenizer(plain, padding="max_length", max_length=64, truncation=True).input_ids  # the pipeline's
+    assert set(weights) == {1.0} and not cut
+    ids, weights, _ = t5_tokens(tokenizer, "a (red:1.5) circle on [blue] background", 64)
+    assert ids == tokenizer(plain, padding="max_length", max_length=64).input_ids
+    assert 1.5 in weights and round(min(weights), 4) == round(1 / 1.1, 4)
+
+    job = load_job(_job(write_job, folder, family, seeds=(1,)), registry)
+    model = Renderer(registry, "cpu", "float32", job.plan.models).model_for(job.plan.item_at(0))
+    states = model.encode_prompt(plain)["encoder_hidden_states"]
+    weighted = model.encode_prompt("a (red:1.5) circle on [blue] background")["encoder_hidden_states"]
+    t5_rows = slice(77, None) if family == "sd3" else slice(None)
+    expected = apply_emphasis(states[t5_rows][None], torch.tensor([t5_tokens(tokenizer, "a (red:1.5) circle on "
+                                                                              "[blue] background", 256 if family ==
+                                                                              "sd3" else 512)[1]]))[0]
+    assert torch.allclose(weighted[t5_rows], expected, atol=1e-6)  # A1111 emphasis on T5's states
+
+    long = plain + ", " + ", ".join(["a small green square"] * 60)  # 307 T5 tokens
+    late = "circle".join(long.rsplit("square", 1))  # only the last word changes, past token 256
+    if family == "sd3":  # the pipeline's 256 tokens cut it (with a warning); t5_tokens: 512 reads it all
+        model.encode_prompt(long)
+        assert "cut to 256 T5 tokens" in capsys.readouterr().err
+        longer, changed = (model.encode_prompt(text, t5_tokens=512)["encoder_hidden_states"] for text in (long, late))
+        assert longer.shape[0] == 77 + 512
+    else:  # FLUX.1 reads 512 by default
+        longer, changed = (model.encode_prompt(text)["encoder_hidden_states"] for text in (long, late))
+        assert longer.shape[0] == 512 and "cut to" not in capsys.readouterr().err
+    t5_start = 77 if family == "sd3" else 0
+    difference = (longer - changed).abs().sum(dim=-1)[t5_start:]
+    assert int(difference.argmax()) > 256  # the changed word, past token 256, is read
+
+
+def test_t5_tokens_on_a_family_without_t5_stops_at_its_line(write_job, registry, tiny_model):
+    path = write_job(f"""
+        model: {tiny_model}
+        prompt: a circle
+        conditioners:
+          - text: {{t5_tokens: 512}}
+    """)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    assert "t5_tokens applies to families with a T5 encoder" in str(error.value) and ":4:" in str(error.value)
+
+
 # ---------------------------------------------------------------- a family from a plugin
 @dataclass
 class _Recorder:
