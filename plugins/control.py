@@ -292,6 +292,10 @@ def load_controlnet(ref: str, model, allow_pickle: bool = False):
         if problems:
             raise ValueError("; ".join(problems))
         net = net.to(model.device, model.dtype).eval().requires_grad_(False)
+        if model.info.memory.get("channels_last"):  # speed.channels_last, as the U-Net it steers
+            import torch
+
+            net.to(memory_format=torch.channels_last)
         if str(model.device) == "cpu":
             from sdbatch.rows import make_rows_independent
 

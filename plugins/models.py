@@ -107,10 +107,33 @@ def _model_from_pipeline(info: ModelInfo, family, pipe, device: str, torch_dtype
         if hasattr(module, "parameters"):
             module.eval().requires_grad_(False)
             _own_aligned_memory(module)
+    if info.memory.get("tiny_vae"):
+        components["decoder"] = load_tiny_vae(info.memory["tiny_vae"], device, torch_dtype)
     location = Path(info.location)
     digest = weights_hash(location) if location.exists() else ""
     return Model(info=info, family=family, components=components, scheduler_config=dict(pipe.scheduler.config),
                  device=device, dtype=torch_dtype, hash=digest[:10])
+
+
+def load_tiny_vae(ref: str, device: str, torch_dtype):
+    """An ``AutoencoderTiny`` (TAESD) decoder from a diffusers folder or a hub id (the cache when offline)."""
+    import os
+
+    from diffusers import AutoencoderTiny
+
+    quiet_libraries()
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        decoder = AutoencoderTiny.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+    elif HUB_ID.fullmatch(ref) and not path.exists():
+        decoder = AutoencoderTiny.from_pretrained(ref, torch_dtype=torch_dtype, use_safetensors=True,
+                                                  local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+    else:
+        raise ValueError(f"tiny_vae {ref}: expected an AutoencoderTiny folder (config.json and safetensors) "
+                         f"or a hub id such as madebyollin/taesd")
+    decoder = decoder.to(device).eval().requires_grad_(False)
+    _own_aligned_memory(decoder)
+    return decoder
 
 
 def _own_aligned_memory(module) -> None:

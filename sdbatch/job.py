@@ -100,6 +100,23 @@ class MemorySpec:
 
 
 @dataclass
+class SpeedSpec:
+    """GPU throughput options, applied when the model loads (each is part of the item id when set)."""
+
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(
+        default="off", metadata=_m(help="torch.compile the denoiser with this mode (the first batch compiles)"))
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = field(
+        default="inductor", metadata=_m(help="torch.compile backend (inductor on GPUs; aot_eager checks without one)"))
+    channels_last: bool = field(default=False, metadata=_m(help="U-Net, ControlNets and VAE in channels-last memory "
+                                                                "format (faster convolutions on CUDA)"))
+    tiny_vae: str | None = field(default=None, metadata=_m(
+        model_ref=True, help="decode with this AutoencoderTiny (TAESD: madebyollin/taesd, taesdxl, taesd3, taef1; "
+                             "a folder or hub id): much faster, lower fidelity"))
+    decode_batch: int = field(default=0, metadata=_m(min=0, max=256, help="CUDA: rows per VAE decode call "
+                                                                          "(0: as many as fit in free memory)"))
+
+
+@dataclass
 class LoraSpec:
     """One entry of ``loras:`` (the lora plugin reads it)."""
 
@@ -119,6 +136,7 @@ class JobSpec:
     model_family: str | None = field(default=None, metadata=_m(help="sd1, sdxl, sd3 or flux (or a plugin's): "
                                                                     "overrides detection from the model's files"))
     memory: MemorySpec = field(default_factory=MemorySpec)
+    speed: SpeedSpec = field(default_factory=SpeedSpec)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     batch_size: int = field(default=1, metadata=_m(min=1, max=1024))
@@ -275,6 +293,7 @@ class _Validator:
             self.fail(("edit",), "a job is either an animation or an edit, not both")
         self._network_uses(spec, uses)
         self._hires_use(spec, uses)
+        self._speed(spec.speed)
         writers = self._writers(uses["outputs"])
         self._sampler(spec.sampler, ("sampler",))
         if spec.model_family is not None and self.registry.get("family", spec.model_family) is None:
@@ -344,6 +363,17 @@ class _Validator:
                 continue
             uses["conditioners"].insert(0, use)
             positions.insert(0, path)
+
+    def _speed(self, speed: SpeedSpec) -> None:
+        """A tiny VAE that is not there stops at its line (a hub id is checked as it loads)."""
+        ref = speed.tiny_vae
+        if not ref:
+            return
+        path = Path(ref).expanduser()
+        local = path.is_absolute() or ref.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", ref) or path.exists()
+        if local and not (path / "config.json").is_file():
+            self.fail(("speed", "tiny_vae"), f"no AutoencoderTiny at {shorten(ref)} (a folder with config.json "
+                                             f"and safetensors weights, or a hub id such as madebyollin/taesd)")
 
     def _hires_use(self, spec: JobSpec, uses: dict) -> None:
         """``hires:`` as the hires conditioner's use, after every other conditioner (its options checked there)."""
@@ -526,7 +556,7 @@ class _Validator:
         if entry is None:
             raise ValueError(self.registry.unknown_message("family", name))
         info.family = entry.name
-        info.memory = asdict(self.spec.memory)
+        info.memory = {**asdict(self.spec.memory), **asdict(self.spec.speed)}  # how it loads and runs
         info.defaults = {**entry.obj.defaults, **info.defaults}
 
     def _family_checks(self, models: dict, uses: dict, spec: JobSpec) -> None:

@@ -322,10 +322,12 @@ class Plan:
         if "size" in values:
             width, height = SIZE_PATTERN.fullmatch(values["size"]).groups()
             fields["width"], fields["height"] = int(width), int(height)
-        if info is not None and (base.model_family or info.memory.get("t5") == "off" or info.memory.get("vae_tiling")):
+        speed = pixel_speed_options(info.memory) if info is not None else {}
+        if info is not None and (base.model_family or info.memory.get("t5") == "off" or info.memory.get("vae_tiling")
+                                 or speed):
             # settings that change how the model computes: part of the id (defaults add nothing, ids stay)
             extra["model"] = {"family": info.family, "t5": info.memory.get("t5"),
-                              "vae_tiling": info.memory.get("vae_tiling")}
+                              "vae_tiling": info.memory.get("vae_tiling"), **speed}
         fields["conditioners"] = _with_options(self.conditioners, values, self.option_axes)
         fields["postprocess"] = _with_options(self.postprocess, values)
         if self.inputs:
@@ -339,6 +341,14 @@ class Plan:
         fields["axes"] = axes
         fields["extra"] = extra
         return fields
+
+
+def pixel_speed_options(memory: dict) -> dict:
+    """The speed options that are set and can change pixels (another decoder, other kernels): part of the id."""
+    found = {key: memory[key] for key in ("channels_last", "tiny_vae", "decode_batch") if memory.get(key)}
+    if memory.get("compile", "off") != "off":
+        found.update(compile=memory["compile"], compile_backend=memory.get("compile_backend", "inductor"))
+    return found
 
 
 def _with_options(uses: tuple, values: dict, option_axes: dict | None = None) -> tuple:

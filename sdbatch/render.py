@@ -55,10 +55,16 @@ class Renderer:
         if self.batch_invariant and str(model.device) == "cpu" and not model.extra.get("batch_invariant"):
             make_rows_independent(model.denoiser)
             model.extra["batch_invariant"] = True
+        if not model.extra.get("speed_applied"):
+            apply_speed_options(model)
+            model.extra["speed_applied"] = True
         return model
 
-    @torch.inference_mode()
     def render(self, items: list[Item]) -> list[Rendered]:
+        with self._no_grad():
+            return self._render(items)
+
+    def _render(self, items: list[Item]) -> list[Rendered]:
         try:
             state, extensions = self.prepare(items)
         except BatchSplit as split:  # e.g. prompts of other chunk counts: each group renders on its own
@@ -144,8 +150,7 @@ class Renderer:
         model, first = state.model, items[0]
         images = self._decode(model, model.family.unpack(model, latents, first.width, first.height))
         pils = []
-        for row, image in zip(range(len(items)), images):
-            pil = _to_pil(image)
+        for row, pil in zip(range(len(items)), _to_pils(images[: len(items)])):
             for extension in extensions:
                 pil = extension.finish(row, pil)
             pils.append(pil)
@@ -154,11 +159,14 @@ class Renderer:
         return [Rendered(item, self._postprocess(item, pil), model.hash, outputs=state.outputs[row])
                 for row, (item, pil) in enumerate(zip(items, pils))]
 
-    @torch.inference_mode()
     def refine(self, items: list[Item], clean, strength: float) -> list[Rendered]:
         """Render ``items`` from clean latents (one row each, unpacked, at the items' size), noised with
         each item's own noise and denoised over the last ``strength`` of the schedule: image-to-image
         from tensors, as a hires fix's second pass runs. The items' conditioners must not set a strength."""
+        with self._no_grad():
+            return self._refine(items, clean, strength)
+
+    def _refine(self, items: list[Item], clean, strength: float) -> list[Rendered]:
         state, extensions = self.prepare(items, strength=strength)
         model = state.model
         rows = clean.to(model.device, model.dtype)
@@ -167,11 +175,17 @@ class Renderer:
         state.x = noised(state.scheduler, model.family.pack(model, rows), state.noise, state.timesteps[0])
         return self.finish(items, state, extensions, self.denoise(state, extensions))
 
-    @torch.inference_mode()
     def latents_at(self, items: list[Item], stop_at: int, given=None):
         """The batch's latents after ``stop_at`` steps of its own trajectory (edits and finders use it)."""
-        state, extensions = self.prepare(items, stop_at=stop_at, given=given)
-        return self.denoise(state, extensions)[: len(items)]
+        with self._no_grad():
+            state, extensions = self.prepare(items, stop_at=stop_at, given=given)
+            return self.denoise(state, extensions)[: len(items)]
+
+    def _no_grad(self):
+        """Inference mode, or plain no-grad when a model is compiled (torch.compile cannot trace
+        inference tensors)."""
+        compiled = any(info.memory.get("compile", "off") != "off" for info in self.model_infos.values())
+        return torch.no_grad() if compiled else torch.inference_mode()
 
     # -- steps --------------------------------------------------------------------------
     def _pad(self, items: list[Item]) -> list[Item]:
@@ -230,12 +244,13 @@ class Renderer:
         return guided
 
     def _decode(self, model: Model, latents: torch.Tensor) -> torch.Tensor:
-        vae = model.vae
+        vae = model.components.get("decoder") or model.vae  # speed.tiny_vae: an AutoencoderTiny decodes
         scaled = latents / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             scaled = scaled + vae.config.shift_factor
-        # Decode one row at a time: the VAE is the memory peak, and rows stay independent.
-        images = torch.cat([vae.decode(row[None].to(vae.dtype), return_dict=False)[0] for row in scaled])
+        chunk = decode_rows(model, scaled.shape)
+        images = torch.cat([vae.decode(rows.to(vae.dtype), return_dict=False)[0]
+                            for rows in fixed_chunks(scaled, chunk)])[: len(scaled)]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def _postprocess(self, item: Item, image):
@@ -289,8 +304,52 @@ def _seed_noise_sampler(scheduler, items) -> None:
         scheduler.noise_sampler_seed = [int(item.seed) for item in items]
 
 
-def _to_pil(image: torch.Tensor):
+def _to_pils(images: torch.Tensor) -> list:
+    """Images (rows, 3, H, W) in 0..1 as PIL images: rounded on the device, moved to the host once."""
     from PIL import Image
 
-    array = (image.float().permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
+    arrays = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(array) for array in arrays]
+
+
+def apply_speed_options(model: Model) -> None:
+    """The job's ``speed:`` options on a loaded model: channels-last layout, then torch.compile of the denoiser.
+
+    ``nn.Module.compile`` compiles in place, so ``model.unet`` stays the module plugins know."""
+    options = model.info.memory
+    if options.get("channels_last"):  # the convolutional parts (a transformer's are its patch embeddings only)
+        for name in ("unet", "vae", "decoder"):
+            if model.components.get(name) is not None:
+                model.components[name].to(memory_format=torch.channels_last)
+    if options.get("compile", "off") != "off":
+        mode = options["compile"]
+        model.denoiser.compile(mode=None if mode == "default" else mode,
+                               backend=options.get("compile_backend", "inductor"))
+
+
+def decode_rows(model: Model, shape) -> int:
+    """Rows per VAE decode call: one on the CPU (rows stay independent, and memory flat); on a GPU the
+    job's ``speed.decode_batch``, else as many as fit in 60% of free memory (``memory.vae_slicing``: one)."""
+    rows = shape[0]
+    if str(model.device) == "cpu" or model.info.memory.get("vae_slicing"):
+        return 1
+    if model.info.memory.get("decode_batch"):
+        return min(rows, model.info.memory["decode_batch"])
+    if not torch.cuda.is_available() or not str(model.device).startswith("cuda"):
+        return rows
+    free, _ = torch.cuda.mem_get_info(torch.device(model.device))
+    height, width = shape[-2] * model.vae_scale_factor, shape[-1] * model.vae_scale_factor
+    # the decoder's peak: a few full-resolution activations of its widest full-size block (128 ch at SD scale)
+    per_row = 6 * height * width * 128 * torch.finfo(model.dtype).bits // 8
+    return max(1, min(rows, int(0.6 * free) // per_row))
+
+
+def fixed_chunks(rows: torch.Tensor, size: int) -> list:
+    """``rows`` in chunks of exactly ``size`` (the last padded with copies of the last row): one kernel shape."""
+    chunks = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        if len(chunk) < size:
+            chunk = torch.cat([chunk, chunk[-1:].expand(size - len(chunk), *chunk.shape[1:])])
+        chunks.append(chunk)
+    return chunks
