@@ -9,6 +9,9 @@ sets do: the first round adds each adapter (diffusers' loader), later rounds onl
 none in turn, so every call changes the active set. The baseline, measured in the same run, is one 4-step render of a 64x64
 item without LoRAs; diffusers' own ``set_adapters`` on the same adapters is timed too (it slows
 with every adapter loaded, diffusers #11816). Flat means the switch cost with 50 LoRAs loaded is about that with 1.
+Switching is measured with every LoRA held; first loads are measured twice, with every LoRA
+held (PEFT's load slows with each adapter held) and with the plugin's limit (``MAX_ADAPTERS``
+held, the least recently used unloaded), where the last load costs about the first.
 """
 
 from __future__ import annotations
@@ -48,9 +51,27 @@ def load_model(registry):
     return renderer.model_for(item), time.perf_counter() - started
 
 
+def first_loads(registry, paths: list) -> list[float]:
+    """Seconds of each LoRA's first activation in turn, with the plugin's adapter limit (MAX_ADAPTERS)."""
+    from sdbatch_plugins.loras import activate
+
+    model, _ = load_model(registry)
+    seconds = []
+    for path in paths:
+        started = time.perf_counter()
+        activate(model, {str(path.resolve()): [1.0, 1.0, path.stem]})
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def measure(registry, folder: Path, count: int, samples: int) -> dict:
+    """Loading and switching with every LoRA held (the limit raised to ``count``), then first loads
+    with the plugin's limit."""
+    import sdbatch_plugins.loras as loras
     from sdbatch_plugins.loras import activate, lora_pipeline
 
+    limit = loras.MAX_ADAPTERS
+    loras.MAX_ADAPTERS = max(limit, count)
     model, render_seconds = load_model(registry)
     paths = make_loras(folder, count)
     loads, switches = [], []
@@ -70,7 +91,11 @@ def measure(registry, folder: Path, count: int, samples: int) -> dict:
         started = time.perf_counter()
         pipe.set_adapters([name], adapter_weights=[1.0])
         theirs.append(time.perf_counter() - started)
+    loras.MAX_ADAPTERS = limit
+    limited = first_loads(registry, paths)
     return {"loras": count, "render_s": render_seconds, "first_load_s": statistics.mean(loads),
+            "last_load_s": loads[-1], "limited_first_load_s": statistics.mean(limited),
+            "limited_last_load_s": limited[-1], "limit": limit,
             "switch_s": statistics.median(switches), "off_s": statistics.median(offs),
             "diffusers_set_adapters_s": statistics.median(theirs)}
 
@@ -93,7 +118,9 @@ def main() -> None:
             folder.mkdir()
             rows.append(measure(registry, folder, count, args.samples))
             row = rows[-1]
-            print(f"{count:3d} LoRAs: load {row['first_load_s'] * 1000:7.1f} ms, switch {row['switch_s'] * 1000:6.1f} ms "
+            print(f"{count:3d} LoRAs: all held: load mean {row['first_load_s']:5.2f} s, last {row['last_load_s']:5.2f} s; "
+                  f"at most {row['limit']} held: load mean {row['limited_first_load_s']:5.2f} s, "
+                  f"last {row['limited_last_load_s']:5.2f} s; switch {row['switch_s'] * 1000:6.1f} ms "
                   f"({row['switch_s'] / row['render_s']:.4f} of a 4-step render), off {row['off_s'] * 1000:6.1f} ms, "
                   f"diffusers' set_adapters {row['diffusers_set_adapters_s'] * 1000:7.1f} ms",
                   flush=True)

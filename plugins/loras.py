@@ -133,7 +133,7 @@ def activate(model, loras: dict, allow_pickle: bool = False) -> None:
     modifiers = [m for m in model.extra.get("modifiers", []) if "lora" not in m]
     if [m for m in model.extra.get("modifiers", []) if "lora" in m] == record:
         return
-    names = {load_adapter(model, path, allow_pickle): w for path, w in active.items()}
+    names = {load_adapter(model, path, allow_pickle, keep=set(active)): w for path, w in active.items()}
     switch(model, names)
     model.extra["modifiers"] = modifiers + record
 
@@ -190,13 +190,31 @@ def lora_pipeline(model):
     return pipe
 
 
-def load_adapter(model, path: str, allow_pickle: bool = False) -> str:
-    """The adapter name of a LoRA file, loading it (once per model) through diffusers' loader."""
-    adapters = model.extra.setdefault("lora_adapters", {})
+#: LoRAs held as adapters at once per model. PEFT walks every module of every adapter held when it
+#: adds one, so loading slows with each LoRA kept (0.5 s for the first on sdbatch-tiny, 10 s for the
+#: 30th); past this many the least recently used one is unloaded (reloading it costs one load).
+MAX_ADAPTERS = 8
+
+
+def load_adapter(model, path: str, allow_pickle: bool = False, keep: set = frozenset()) -> str:
+    """The adapter name of a LoRA file, loading it through diffusers' loader when it is not held.
+
+    At most ``MAX_ADAPTERS`` are held; the least recently used one not in ``keep`` is unloaded first."""
+    from collections import OrderedDict
+
+    adapters = model.extra.setdefault("lora_adapters", OrderedDict())
     if path in adapters:
+        adapters.move_to_end(path)
         return adapters[path]
-    name = f"lora{len(adapters)}"
-    lora_pipeline(model).load_lora_weights(_read(Path(path), allow_pickle), adapter_name=name)
+    pipe = lora_pipeline(model)
+    while len(adapters) >= MAX_ADAPTERS:
+        unused = next((held for held in adapters if held not in keep), None)
+        if unused is None:
+            break  # a set larger than the limit stays whole
+        pipe.delete_adapters([adapters.pop(unused)])
+    count = model.extra["lora_loads"] = model.extra.get("lora_loads", 0) + 1
+    name = f"lora{count - 1}"
+    pipe.load_lora_weights(_read(Path(path), allow_pickle), adapter_name=name)
     if model.extra.get("batch_invariant"):  # the adapters' Linear layers, row by row as the rest
         from sdbatch.rows import make_rows_independent
 
