@@ -64,12 +64,13 @@ def measure_timing(plan, root, render, total: int, batch_size: int) -> dict | No
     saved = load_timing(plan, root)
     began = time.monotonic()
     todo = {}
-    for base in range(0, total, timeline.frames):
-        for segment in timeline.segments():
-            if base + segment.first + 1 < total:
-                key = plan.segment_key(base + segment.first, segment)
-                if key not in saved["segments"]:
-                    todo.setdefault(key, _Probes(plan.item_at(base + segment.first), segment, timeline))
+    with timeline.as_written():  # segments start where the job file puts them, whatever the spread
+        for base in range(0, total, timeline.frames):
+            for segment in timeline.segments():
+                if base + segment.first + 1 < total:
+                    key = plan.segment_key(base + segment.first, segment)
+                    if key not in saved["segments"]:
+                        todo.setdefault(key, _Probes(plan.item_at(base + segment.first), segment, timeline))
     _measure(list(todo.values()), render, batch_size)
     seconds = time.monotonic() - began
     for key, probes in todo.items():
