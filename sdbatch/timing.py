@@ -2,10 +2,13 @@
 
 For every segment of an animation with ``timing: even`` (per combination of the plan's
 other axes) it renders *probes*: the segment's start frame moved to interpolation
-positions t. It starts at t = 0, 1/2 and 1; the interval that changes most is bisected,
-one per segment per round (all segments batched together), while it holds more than its
-share of the segment's frames and the budget (about a fifth of the segment's frames)
-lasts. The cumulative change, normalised to 0..1, is saved in the output
+positions t. It starts at t = 0, 1/2 and 1; then the interval that changes most is
+bisected while it holds more than its share of the segment's frames and the budget
+(about a fifth of the segment's frames) lasts. A round bisects several intervals per
+segment (halving its estimate of an interval's change each time), as many as fill a
+batch shared by all segments: on the CPU a probe rendered two to a batch cost about
+twice one rendered eight to a batch, and one probe per segment per round made the
+example's pre-pass four small rounds. The cumulative change, normalised to 0..1, is saved in the output
 folder's ``timing.json`` under the segment's content key. The plan then places frame i
 of n at the t where a fraction ease(i/n) of the change has happened
 (animation.position_for), so frames are ordinary items and a resumed, re-batched or Ray
@@ -105,17 +108,28 @@ class _Probes:
     def changes(self) -> list:
         return [distance(self.pictures[a], self.pictures[b]) for a, b in zip(self.ts, self.ts[1:])]
 
-    def refine(self) -> bool:
-        """Bisect the interval that changes most if it holds over its share; False when even or out of budget."""
+    def refine(self, room: int) -> bool:
+        """Choose up to ``room`` new positions for the next round; False when even or out of budget.
+
+        Greedy bisection on estimates: the interval that changes most is halved (each half taken to hold
+        half its change) while it holds over TOLERANCE frames' share, so one round places several probes
+        and rounds fill the batch (a round of two probes costs as much per probe as one of eight twice over).
+        """
         changes = self.changes()
         share = sum(changes) / self.segment.span
-        uneven = [(c, a, b) for c, a, b in zip(changes, self.ts, self.ts[1:])
-                  if c > TOLERANCE * share and b - a > MIN_WIDTH]
-        if not uneven or len(self.ts) >= self.budget:
-            return False
-        _change, a, b = max(uneven)
-        self.ts = sorted(self.ts + [(a + b) / 2])
-        return True
+        intervals = [(c, a, b) for c, a, b in zip(changes, self.ts, self.ts[1:])]
+        added = []
+        while len(added) < min(room, self.budget - len(self.ts)):
+            uneven = [(c, a, b) for c, a, b in intervals if c > TOLERANCE * share and b - a > MIN_WIDTH]
+            if not uneven:
+                break
+            change, a, b = max(uneven)
+            intervals.remove((change, a, b))
+            middle = (a + b) / 2
+            intervals += [(change / 2, a, middle), (change / 2, middle, b)]
+            added.append(middle)
+        self.ts = sorted(self.ts + added)
+        return bool(added)
 
     def curve(self, seconds: float) -> dict:
         changes = self.changes()
@@ -139,7 +153,8 @@ def _measure(segments: list, render, batch_size: int) -> None:
             raise SdbatchError("the timing pre-pass failed to render some probes; see failures above")
         for (probes, t), result in zip(wanted, results):
             probes.pictures[t] = downscaled(result.image)
-        active = [probes for probes in active if probes.refine()]
+        room = max(1, batch_size // len(active))  # the next round's share of a batch per segment
+        active = [probes for probes in active if probes.refine(room)]
 
 
 def downscaled(image):
