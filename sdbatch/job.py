@@ -597,8 +597,7 @@ class _Validator:
             sha = file_sha256(kf.image) if kf.image else None
             keyframes.append(Keyframe(frame, prompt, negative, seed, kf.image, sha, kf.easing, kf.hold, kf.pin))
             if kf.pin and anim.interpolate.spread != "video":
-                self.fail(frames[frame][1] + ("pin",), "pin keeps a keyframe in place under "
-                                                       "interpolate.spread: video; here no keyframe moves")
+                self.fail(frames[frame][1] + ("pin",), "pin only matters with interpolate.spread: video")
         for a, b in zip(keyframes, keyframes[1:]):
             if a.frame + a.hold >= b.frame:
                 self.fail(frames[a.frame][1] + ("hold",), f"holds to frame {a.frame + a.hold}, but the next "
