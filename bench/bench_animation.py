@@ -10,15 +10,13 @@ the median (the smoothness report's ``max_over_median``: mean |RGB| difference, 
 of consecutive frames; target with even timing: at most 3) for the whole video and
 inside each keyframe segment, and the pre-pass's cost over the final render's
 (target: at most 0.30), both in CPU time of this process (time.process_time: the
-machine is shared, so wall-clock seconds mislead) and in wall seconds. The two even
-runs share one pre-pass (the same segment keys): the second copies its timing.json.
-Model loading is left out of both figures.
+machine is shared, so wall-clock seconds mislead) and in wall seconds. Model loading
+is left out of both figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -93,9 +91,6 @@ def main() -> None:
             ("segment", {"timing": "even", "spread": "segment"})]
     figures = {}
     for name, interpolate in runs:
-        if name == "segment" and (root / "video" / "timing.json").is_file():
-            (root / name).mkdir(parents=True, exist_ok=True)
-            shutil.copy(root / "video" / "timing.json", root / name / "timing.json")  # the same segment keys
         summary = run(args.job.resolve(), interpolate, root / name, clock)
         smooth = next(iter(summary.notes["smoothness"].values()))
         figures[name] = smooth

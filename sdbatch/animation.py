@@ -16,9 +16,10 @@ Spread. With ``spread: video`` (even timing only) the keyframes between the firs
 last and any with ``pin`` also move: between two fixed keyframes the frames that move
 (all but the holds) are shared among the segments in proportion to each one's measured
 change (the sum of its probes' changes), at least one each, so a frame changes the
-picture about as much in every segment, as DiffMorpher re-times a whole morph. The
-curves are measured on the keyframes as written (the same segment keys, so the same
-``timing.json`` serves both spreads); schedules stay on the video's frames.
+picture about as much in every segment, as DiffMorpher re-times a whole morph. Such a
+group's segments are measured together on the keyframes as written (their probes go
+where the group's change is, so their curves are saved under keys that name the
+group); schedules stay on the video's frames.
 """
 
 from __future__ import annotations
@@ -136,19 +137,47 @@ class Timeline:
         finally:
             self._written.depth = depth
 
-    def placed(self, segment_key=None) -> list | None:
-        """The keyframes on the frames they show; None while ``spread: video`` lacks a measured curve."""
-        if self.spread != "video" or self.timing != "even" or getattr(self._written, "depth", 0):
-            return self.keyframes
+    def groups(self) -> list:
+        """Indices of the segments (as written) that share their frames: each alone, or with ``spread: video``
+        the segments between keyframes that stay (the first, the last, pinned ones; a loop's closing segment)."""
+        count = len(self.segments())
+        if self.spread != "video":
+            return [[i] for i in range(count)]
+        stay = {0, len(self.keyframes) - 1} | {i for i, k in enumerate(self.keyframes) if k.pin}
+        groups, current = [], []
+        for i in range(len(self.keyframes) - 1):
+            current.append(i)
+            if i + 1 in stay:
+                groups.append(current)
+                current = []
+        return groups + ([[count - 1]] if self.loop else [])
+
+    def curve_keys(self, keys: list) -> list:
+        """The keys the segments' curves are saved under: their own, or in a group of several (spread: video,
+        measured together) their own with the group's, as the probes of one depend on the others."""
+        result = list(keys)
+        for group in self.groups():
+            if len(group) > 1:
+                members = [keys[i] for i in group]
+                for i in group:
+                    content = {"spread": "video", "group": members, "segment": keys[i]}
+                    result[i] = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+        return result
+
+    def placed(self, segment_key=None) -> tuple:
+        """(keyframes on the frames they show, each segment's curve key); (None, None) while ``spread: video``
+        lacks a measured curve."""
+        if self.spread != "video" or self.timing != "even" or getattr(self._written, "depth", 0) or not segment_key:
+            return self.keyframes, None
         with self.as_written():
-            keys = tuple(segment_key(segment) for segment in self.segments()) if segment_key else ()
+            keys = tuple(self.curve_keys([segment_key(segment) for segment in self.segments()]))
         curves = self.curves or {}
-        if not keys or not all(key in curves for key in keys):
-            return None
+        if not all(key in curves for key in keys):
+            return None, None
         cache = (id(curves), keys)
         if cache not in self._layouts:
             totals = [sum(curves[key]["raw"]) for key in keys]
-            self._layouts[cache] = spread_keyframes(self.keyframes, totals[:len(self.keyframes) - 1])
+            self._layouts[cache] = spread_keyframes(self.keyframes, totals[:len(self.keyframes) - 1]), keys
         return self._layouts[cache]
 
     def frame(self, f: int, segment_key=None) -> dict:
@@ -156,7 +185,7 @@ class Timeline:
 
         ``segment_key(segment)`` gives the content key of a segment (needed for even timing).
         """
-        keyframes = self.placed(segment_key)
+        keyframes, keys = self.placed(segment_key)
         provisional = keyframes is None
         keyframes = keyframes or self.keyframes
         segments = self.segments(keyframes)
@@ -171,10 +200,12 @@ class Timeline:
             animation.update({"t": u, "from": start.to_json(), "to": segment.end.to_json(),
                               "embeddings": self.embeddings, "noise": self.noise})
             if self.timing == "even":
-                curve = None
-                if segment_key is not None:
+                curve, position = None, segments.index(segment)
+                if keys is not None:
+                    curve = self.curves[keys[position]]
+                elif segment_key is not None and not provisional:
                     with self.as_written():  # its curve is keyed by the segment as written
-                        curve = (self.curves or {}).get(segment_key(self.segments()[segments.index(segment)]))
+                        curve = (self.curves or {}).get(segment_key(self.segments()[position]))
                 if curve is None or provisional:
                     animation["timing"] = "provisional"
                 else:

@@ -508,7 +508,7 @@ def _max_over_median(levels):
 
 def test_spread_video_moves_keyframes_with_the_measured_change(write_job, tiny_model, registry, tmp_path, capsys):
     from sdbatch.cli import main
-    from sdbatch.timing import load_timing, measure_timing
+    from sdbatch.timing import BUDGET, load_timing, measure_timing
 
     path = _spread_job(write_job, tiny_model)
     job = load_job(path, registry)
@@ -526,14 +526,19 @@ def test_spread_video_moves_keyframes_with_the_measured_change(write_job, tiny_m
     assert frames[starts[1] + 1].extra["animation"]["from"]["frame"] == starts[1]  # video frames, for detours
     assert all(f.extra["animation"].get("timing") in (None, "even") for f in frames)
 
-    # the same segment keys as spread: segment, so one timing.json serves both; that plan is the former one
+    # the group's probes went where its change is: to the second segment (the budget is the two segments')
+    counts = [len(curve["t"]) for curve in job.plan.timeline.curves.values()]
+    budget = 2 * (int(BUDGET * 20) + 1)
+    assert sorted(counts) == [3, budget - 3] and sum(counts) == len(rendered) == budget
+
+    # spread: segment measures each segment alone (other keys); pinning keyframe 20 plans the same frames
     segment = load_job(_spread_job(write_job, tiny_model, spread="segment"), registry)
     again = measure_timing(segment.plan, tmp_path, _fake_render(rendered), len(segment.plan), 8)
-    assert again["segments_measured"] == 0
+    assert again["segments_measured"] == 2
     levels = lambda plan: [_level(f) for f in plan]  # noqa: E731
     assert _max_over_median(levels(job.plan)) <= 3 < _max_over_median(levels(segment.plan))
     pinned = load_job(_spread_job(write_job, tiny_model, pin=", pin: true"), registry)
-    load_timing(pinned.plan, tmp_path)
+    assert measure_timing(pinned.plan, tmp_path, _fake_render(rendered), len(pinned.plan), 8)["segments_measured"] == 0
     assert [f.id for f in pinned.plan] == [f.id for f in segment.plan]  # nothing left to move
 
     # resume: a fresh plan reads timing.json and plans the same frames; so does `sdbatch plan -o`
