@@ -2,17 +2,24 @@
 
 For every segment of an animation with ``timing: even`` (per combination of the plan's
 other axes) it renders *probes*: the segment's start frame moved to interpolation
-positions t. It starts at t = 0, 1/2 and 1; then the interval that changes most is
-bisected while it holds more than its share of the segment's frames and the budget
-(about a fifth of the segment's frames) lasts. A round bisects several intervals per
-segment (halving its estimate of an interval's change each time), as many as fill a
-batch shared by all segments: on the CPU a probe rendered two to a batch cost about
-twice one rendered eight to a batch, and one probe per segment per round made the
-example's pre-pass four small rounds. The cumulative change, normalised to 0..1, is saved in the output
-folder's ``timing.json`` under the segment's content key. The plan then places frame i
-of n at the t where a fraction ease(i/n) of the change has happened
-(animation.position_for), so frames are ordinary items and a resumed, re-batched or Ray
-run plans exactly the same ones.
+positions t. Segments that share frames are measured as a group: each segment alone,
+or with ``spread: video`` those between keyframes that stay (animation.Timeline.groups),
+so probes go where the group's change, and so its frames, will be. Probing starts at
+t = 0, 1/2 and 1 in every segment; then the interval that changes most in the group is
+bisected while it holds more than TOLERANCE frames' share of the group's change and the
+budget (per segment about a fifth of its frames, at least 3 probes) lasts. A round bisects several
+intervals (halving its estimate of an interval's change each time): the first round
+after t = 0, 1/2, 1 spends half the budget left, the next the rest, in batches shared
+by all groups. On the CPU a probe rendered two to a batch costs nearly twice one
+rendered eight to a batch (3.4 s against 1.9 s at 20 steps), so one probe per segment
+per round, as before, made the example's pre-pass four small rounds; a single round
+after the first would not see where a snap hides inside the interval it halves.
+The cumulative change, normalised to 0..1, and the raw changes are saved in the output
+folder's ``timing.json`` under the segment's content key (with the group's when it has
+several). The plan then places frame i of n at the t where a fraction ease(i/n) of the
+change has happened (animation.position_for), and with ``spread: video`` gives each
+segment frames in proportion to its total change, so frames are ordinary items and a
+resumed, re-batched or Ray run plans exactly the same ones.
 
 Probes render with the frames' own steps and size, at a subset of positions. Cheaper
 probes were measured and are not faithful: with 5 of the example's 20 DDIM steps the
