@@ -88,6 +88,12 @@ class Timeline:
     _layouts: dict = field(default_factory=dict, repr=False, compare=False)
     _written: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:  # plans travel to Ray workers: caches and the thread's state stay here
+        return {**self.__dict__, "_layouts": {}, "_written": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _written=threading.local())
+
     @property
     def frames(self) -> int:
         """Frames in the video: to the last keyframe and its hold, plus the way back when looping."""
