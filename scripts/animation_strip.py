@@ -1,9 +1,11 @@
 """A before/after strip of an animation: every Nth frame of each run, one labelled row per run.
 
-    .venv/bin/python scripts/animation_strip.py OUT_UNIFORM OUT_EVEN docs/animation-timing.png [--every 4]
+    .venv/bin/python scripts/animation_strip.py OUT_UNIFORM OUT_EVEN ... docs/animation-timing.png [--every 4]
+        [--labels "uniform,even per segment,..."]
 
 Each OUT is a run's folder (frames in frames/, in frame order); each row is labelled with
-the folder's name and its smoothness report's max/median consecutive-frame change.
+the folder's name (or its --labels entry) and its smoothness report's max/median
+consecutive-frame change (mean |RGB| difference, 0-255, of consecutive frames).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from PIL import Image, ImageDraw
 LABEL = 150  # pixels of the label column
 
 
-def row(out: Path, every: int) -> tuple[list, str]:
+def row(out: Path, every: int, name: str) -> tuple[list, str]:
     frames = sorted((out / "frames").rglob("*.png"))
     smooth = next((out / "videos").glob("*.smoothness.json"), None)
     ratio = json.loads(smooth.read_text())["max_over_median"] if smooth else None
-    label = f"{out.name}\nmax/median {ratio:.1f}" if ratio is not None else out.name
+    label = f"{name}\nmax/median {ratio:.1f}" if ratio is not None else name
     return [Image.open(f).convert("RGB") for f in frames[::every]], label
 
 
@@ -30,8 +32,12 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("target", type=Path)
     parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--labels", default=None, help="comma-separated row labels (default: the folders' names)")
     args = parser.parse_args()
-    rows = [row(out, args.every) for out in args.runs]
+    names = args.labels.split(",") if args.labels else [out.name for out in args.runs]
+    if len(names) != len(args.runs):
+        parser.error(f"--labels names {len(names)} rows for {len(args.runs)} runs")
+    rows = [row(out, args.every, name) for out, name in zip(args.runs, names)]
     width, height = rows[0][0][0].size
     strip = Image.new("RGB", (LABEL + width * max(len(r) for r, _ in rows), height * len(rows)), "white")
     draw = ImageDraw.Draw(strip)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-render the README's pictures from the example jobs (run after sdbatch-tiny or its
-# ControlNets change). CPU, about two minutes, plus the animation strip (two 49-frame renders,
-# 15 minutes or more). Needs chromium for the report screenshot.
+# ControlNets change). CPU, about two minutes, plus the animation strip (three 49-frame renders
+# and two pre-passes, 10 minutes or more). Needs chromium for the report screenshot.
 #   bash scripts/docs_images.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +24,10 @@ cp "${strips[1]}" docs/edit-strip-local-basis.png     # then the first local-bas
 
 run controlnet
 cp "$out"/controlnet/grids/controlnet-*1.png docs/controlnet-grid.png   # seed 1
-# The animation timing strip: uniform (before) against even (after), rendered by the bench.
+# The animation timing strip: uniform (before), even per segment and even over the video (after),
+# rendered by the bench.
 .venv/bin/python bench/bench_animation.py --out "$out/animation" >/dev/null
-.venv/bin/python scripts/animation_strip.py "$out/animation/uniform" "$out/animation/even" docs/animation-timing.png --every 3
+.venv/bin/python scripts/animation_strip.py "$out/animation/uniform" "$out/animation/segment" "$out/animation/video" \
+    docs/animation-timing.png --every 3 --labels "uniform,even (segment),even (video)"
 
 ls -l docs/*.png

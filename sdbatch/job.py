@@ -43,6 +43,7 @@ class KeyframeSpec:
                                                          help="an image to start from (DDIM-inverted)"))
     easing: str | None = field(default=None, metadata=_m(help="easing of the segment that starts here"))
     hold: int = field(default=0, metadata=_m(min=0, max=100000, help="frames after this one that show it unchanged"))
+    pin: bool = field(default=False, metadata=_m(help="with interpolate.spread: video, stay on this frame"))
 
 
 @dataclass
@@ -53,6 +54,9 @@ class InterpolateSpec:
     easing: str = field(default="linear", metadata=_m(help="linear, ease-in, ease-out, ease-in-out, cosine, cubic-bezier(x1, y1, x2, y2)"))
     timing: Literal["even", "uniform"] = field(default="even", metadata=_m(
         help="even: frames change the picture equally (measured at the start of run); uniform: even steps in t"))
+    spread: Literal["segment", "video"] = field(default="segment", metadata=_m(
+        help="even timing per segment, or across the video: keyframes other than the first, last and pinned "
+             "move so every segment's frames change the picture about equally"))
 
 
 @dataclass
@@ -643,7 +647,9 @@ class _Validator:
             negative = kf.negative_prompt if kf.negative_prompt is not None else negative
             seed = kf.seed if kf.seed is not None else seed
             sha = file_sha256(kf.image) if kf.image else None
-            keyframes.append(Keyframe(frame, prompt, negative, seed, kf.image, sha, kf.easing, kf.hold))
+            keyframes.append(Keyframe(frame, prompt, negative, seed, kf.image, sha, kf.easing, kf.hold, kf.pin))
+            if kf.pin and anim.interpolate.spread != "video":
+                self.fail(frames[frame][1] + ("pin",), "pin only matters with interpolate.spread: video")
         for a, b in zip(keyframes, keyframes[1:]):
             if a.frame + a.hold >= b.frame:
                 self.fail(frames[a.frame][1] + ("hold",), f"holds to frame {a.frame + a.hold}, but the next "
@@ -654,10 +660,14 @@ class _Validator:
                 if entry is not None and "attention" not in entry.obj.capabilities:
                     self.fail(base + ("interpolate", "embeddings"),
                               f"{entry.obj.why_not('attention')} (model '{info.ref}'): use slerp or lerp")
+        if anim.interpolate.spread == "video" and anim.interpolate.timing != "even":
+            self.fail(base + ("interpolate", "spread"), "spread: video moves keyframes by the change even timing "
+                                                        "measures: it needs timing: even")
         if anim.loop and len(keyframes) < 2:
             self.fail(base + ("loop",), "a loop needs at least two keyframes to move between")
         timeline = Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
-                            anim.interpolate.easing, timing=anim.interpolate.timing, loop=anim.loop)
+                            anim.interpolate.easing, timing=anim.interpolate.timing, loop=anim.loop,
+                            spread=anim.interpolate.spread)
         count = timeline.frames
         targets = self._axis_targets(uses)
         schedules = {}

@@ -417,36 +417,223 @@ def test_smoothness_names_jumps_and_detours():
     assert still["median"] > 0 and still["jumps"] == []
 
 
+EVEN_PAIRS = {  # keyframes 0, 24, 48 of sdbatch-tiny scenes: (prompt, seed) each
+    "square-circle-triangle": [("a large blue square in the centre, on a white background", 3),
+                               ("a large red circle in the centre, on a white background", 4),
+                               ("a large purple triangle in the centre, on a yellow background", 5)],
+    "circle-square-circle": [("a large green circle in the centre, on a black background", 7),
+                             ("a large yellow square in the centre, on a blue background", 8),
+                             ("a large red circle in the centre, on a white background", 9)],
+}
+
+
+# Whole-video max/median with even timing spread over the video, measured at 6 steps: 2.53 (circle-square-circle;
+# uniform 7.23) and 3.59 (square-circle-triangle: its 12 -> 48 segment hides a bump its 7 probes miss; uniform
+# 18.97), so the issue's target of 3 holds for one pair of the two; the bounds pin what is measured.
+BOUNDS = {"square-circle-triangle": 4.0, "circle-square-circle": 3.0}
+
+
 @pytest.mark.slow
-def test_even_timing_moves_evenly_on_sdbatch_tiny(write_job, registry, tmp_path):
-    """Two prompt/seed pairs per run, uniform against even timing in the same test (the issue's target: <= 3)."""
+@pytest.mark.parametrize("pairs", list(EVEN_PAIRS))
+def test_even_timing_spread_over_the_video_moves_evenly_on_sdbatch_tiny(pairs, write_job, registry, tmp_path):
+    """Uniform against even timing spread over the video, in the same test (the issue's target: <= 3)."""
     from sdbatch.run import LocalExecutor
 
-    def run(timing):
+    keyframes = "\n".join(f"    {frame}: {{prompt: \"{prompt}\", seed: {seed}}}"
+                           for frame, (prompt, seed) in zip((0, 24, 48), EVEN_PAIRS[pairs]))
+
+    def run(interpolate):
         path = write_job(f"""
-            sampler: DDIM
-            steps: 6
-            batch_size: 7
-            animation:
-              keyframes:
-                0:  {{prompt: "a large blue square in the centre, on a white background", seed: 3}}
-                24: {{prompt: "a large red circle in the centre, on a white background", seed: 4}}
-                48: {{prompt: "a large purple triangle in the centre, on a yellow background", seed: 5}}
-              interpolate: {{timing: {timing}}}
-            outputs: [frames, {{video: {{format: gif}}}}]
-        """, f"{timing}.yaml")
-        summary = LocalExecutor(load_job(path, registry), registry, tmp_path / timing, quiet=True).run()
+sampler: DDIM
+steps: 6
+batch_size: 8
+animation:
+  keyframes:
+{keyframes}
+  interpolate: {interpolate}
+outputs: [frames, {{video: {{format: gif}}}}]
+""", "job.yaml")
+        out = tmp_path / interpolate.replace(" ", "").replace(",", "-").strip("{}").replace(":", "")
+        summary = LocalExecutor(load_job(path, registry), registry, out, quiet=True).run()
         return summary, next(iter(summary.notes["smoothness"].values()))
 
-    _, uniform = run("uniform")
-    summary, even = run("even")
-    worst = lambda report: max(s["max_over_median"] for s in report["segments"])  # noqa: E731
-    print(f"max/median uniform {uniform['max_over_median']} (worst segment {worst(uniform)}), "
-          f"even {even['max_over_median']} (worst segment {worst(even)})")
-    # Measured here: worst segment 3.53 with even timing (the issue's target, 3, is not met at 6 steps).
-    assert len(even["segments"]) == 2 and worst(even) < 4 and worst(even) < worst(uniform)
-    assert even["max_over_median"] < uniform["max_over_median"]
-    assert summary.notes["timing"]["probes"] <= 0.25 * 48 + 2
+    _, uniform = run("{timing: uniform}")
+    summary, even = run("{timing: even, spread: video}")
+    print(f"{pairs}: max/median uniform {uniform['max_over_median']}, even over the video {even['max_over_median']} "
+          f"(segments {[(s['from'], s['to'], s['max_over_median']) for s in even['segments']]})")
+    assert even["max_over_median"] <= BOUNDS[pairs] and 2 * even["max_over_median"] < uniform["max_over_median"]
+    assert summary.notes["timing"]["probes"] <= 2 * (int(0.19 * 24) + 1)
+
+
+# ---------------------------------------------------------------- spread: video
+def test_apportion_and_spread_keyframes():
+    from sdbatch.animation import Keyframe, apportion, spread_keyframes
+
+    assert apportion(48, [25.2, 120.3]) == [8, 40]  # the example's two segments (mean |RGB| change)
+    assert apportion(5, [1, 1, 1]) == [2, 2, 1] and sum(apportion(7, [0.0, 0.0])) == 7  # ties: the earlier
+    assert apportion(10, [0.0, 100.0]) == [1, 9]  # every segment keeps a frame
+    kf = [Keyframe(0, "a", "", 1, hold=2), Keyframe(20, "b", "", 2, hold=4), Keyframe(30, "c", "", 3, pin=True),
+          Keyframe(50, "d", "", 4), Keyframe(60, "e", "", 5)]
+    placed = spread_keyframes(kf, [1.0, 3.0, 1.0, 1.0])
+    # 0 -> 30 (pinned): 30 frames less holds 2 + 4 leave 24 moving frames, shared 6 : 18
+    assert [k.frame for k in placed] == [0, 2 + 6, 30, 45, 60]  # then 30 frames, 15 : 15
+    assert [(k.prompt, k.hold, k.pin) for k in placed] == [(k.prompt, k.hold, k.pin) for k in kf]
+
+
+def _spread_job(write_job, tiny_model, spread="video", pin="", steps=3):
+    return write_job(f"""
+        model: {tiny_model}
+        sampler: DDIM
+        steps: {steps}
+        animation:
+          keyframes:
+            0:  {{prompt: "a red circle", seed: 1}}
+            20: {{prompt: "a blue square", seed: 2{pin}}}
+            40: {{prompt: "a green triangle", seed: 3}}
+          interpolate: {{timing: even, spread: {spread}}}
+        outputs: [frames]
+    """, f"spread-{spread}{'-pinned' if pin else ''}.yaml")
+
+
+def _level(item):
+    """A fake picture's grey level: 0 -> 20 -> 240 over the keyframes, the second segment snapping near t 0.6."""
+    animation = item.extra["animation"]
+    t, start = animation["t"], animation["from"]["seed"]
+    snap = lambda x: 1 / (1 + np.exp(-(x - 0.6) * 12))  # noqa: E731
+    return {1: 20 * t, 2: 20 + 220 * (snap(t) - snap(0)) / (snap(1) - snap(0)), 3: 240.0}[start]
+
+
+def _fake_render(rendered):
+    from PIL import Image
+
+    class Result:
+        def __init__(self, item):
+            self.image = Image.new("RGB", (16, 16), (int(round(_level(item))),) * 3)
+
+    def render(batches):
+        rendered.extend(item for batch in batches for item in batch)
+        return [Result(item) for batch in batches for item in batch]
+
+    return render
+
+
+def _max_over_median(levels):
+    steps = np.abs(np.diff(levels))
+    return steps.max() / np.median(steps[steps > 0])
+
+
+def test_spread_video_moves_keyframes_with_the_measured_change(write_job, tiny_model, registry, tmp_path, capsys):
+    from sdbatch.cli import main
+    from sdbatch.timing import BUDGET, load_timing, measure_timing
+
+    path = _spread_job(write_job, tiny_model)
+    job = load_job(path, registry)
+    provisional = list(job.plan)
+    assert len(provisional) == 41 and provisional[20].extra["animation"]["timing"] == "provisional"  # will move
+    assert "timing" not in provisional[0].extra["animation"] and "timing" not in provisional[40].extra["animation"]
+    rendered = []
+    report = measure_timing(job.plan, tmp_path, _fake_render(rendered), len(job.plan), batch_size=8)
+    assert report["segments_measured"] == 2
+    frames = list(job.plan)
+    starts = [f.extra["animation"]["frame"] for f in frames if f.extra["animation"]["t"] == 0]
+    assert len(frames) == 41 and starts[0] == 0 and starts[-1] == 40 and 1 <= starts[1] < 8  # 24 -> ~4
+    middle = frames[starts[1]]
+    assert middle.prompt == "a blue square" and middle.extra["animation"]["from"]["frame"] == starts[1]
+    assert frames[starts[1] + 1].extra["animation"]["from"]["frame"] == starts[1]  # video frames, for detours
+    assert all(f.extra["animation"].get("timing") in (None, "even") for f in frames)
+
+    # the group's probes went where its change is: to the second segment (the budget is the two segments')
+    counts = [len(curve["t"]) for curve in job.plan.timeline.curves.values()]
+    budget = 2 * (int(BUDGET * 20) + 1)
+    assert sorted(counts) == [3, budget - 3] and sum(counts) == len(rendered) == budget
+
+    # spread: segment measures each segment alone (other keys); pinning keyframe 20 plans the same frames
+    segment = load_job(_spread_job(write_job, tiny_model, spread="segment"), registry)
+    again = measure_timing(segment.plan, tmp_path, _fake_render(rendered), len(segment.plan), 8)
+    assert again["segments_measured"] == 2
+    levels = lambda plan: [_level(f) for f in plan]  # noqa: E731
+    assert _max_over_median(levels(job.plan)) <= 3 < _max_over_median(levels(segment.plan))
+    pinned = load_job(_spread_job(write_job, tiny_model, pin=", pin: true"), registry)
+    assert measure_timing(pinned.plan, tmp_path, _fake_render(rendered), len(pinned.plan), 8)["segments_measured"] == 0
+    assert [f.id for f in pinned.plan] == [f.id for f in segment.plan]  # nothing left to move
+
+    # resume: a fresh plan reads timing.json and plans the same frames; so does `sdbatch plan -o`
+    fresh = load_job(path, registry)
+    load_timing(fresh.plan, tmp_path)
+    assert [f.id for f in fresh.plan] == [f.id for f in frames]
+    capsys.readouterr()
+    assert main(["plan", str(path), "-o", str(tmp_path)]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [f.id for f in frames]
+
+
+def test_spread_and_pin_validation_point_at_their_yaml_lines(write_job, tiny_model, registry):
+    path = write_job(f"""
+        model: {tiny_model}
+        animation:
+          keyframes:
+            0: {{prompt: "a red circle"}}
+            4: {{prompt: "a blue circle",
+                 pin: true}}
+            8: {{prompt: "a green circle"}}
+          interpolate:
+            timing: uniform
+            spread: video
+        outputs: [frames]
+    """)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    text, lines = str(error.value), path.read_text().splitlines()
+    line = next(i for i, row in enumerate(lines, 1) if "spread: video" in row)
+    assert f"{path.name}:{line}:" in text and "animation.interpolate.spread" in text and "needs timing: even" in text
+    path.write_text(path.read_text().replace("spread: video", "spread: segment").replace("uniform", "even"))
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    line = next(i for i, row in enumerate(lines, 1) if "pin: true" in row)
+    assert f"{path.name}:{line}:" in str(error.value) and "animation.keyframes[4].pin" in str(error.value)
+
+
+@pytest.mark.slow
+def test_spread_video_resumes_and_rebatches_to_the_same_frames(write_job, tiny_model, tmp_path, kill_run_after):
+    job = _spread_job(write_job, tiny_model, steps=2)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    result = _run(job, clean)
+    assert result.returncode == 0, result.stderr
+    assert 5 <= kill_run_after(job, killed, finished=5) < 41
+    result = _run(job, killed)
+    assert result.returncode == 0, result.stderr
+    assert _frames(killed) == _frames(clean) and len(_frames(clean)) == 41
+    result = _run(job, tmp_path / "single", "--batch-size", "1")
+    assert result.returncode == 0, result.stderr
+    assert _frames(tmp_path / "single") == _frames(clean)  # probes, keyframe places and frames never batch-bound
+
+
+@pytest.mark.slow
+def test_spread_video_frames_match_between_ray_and_local(write_job, tiny_model, registry, tmp_path):
+    ray = pytest.importorskip("ray")
+    from sdbatch.ray_executor import RayExecutor
+    from sdbatch.run import LocalExecutor
+
+    path = write_job(f"""
+        model: {tiny_model}
+        sampler: DDIM
+        steps: 2
+        batch_size: 3
+        animation:
+          keyframes: {{0: {{prompt: "a red circle", seed: 1}}, 4: {{prompt: "a blue square", seed: 2}},
+                       8: {{prompt: "a green triangle", seed: 3}}}}
+          interpolate: {{timing: even, spread: video}}
+        outputs: [frames]
+    """)
+    LocalExecutor(load_job(path, registry), registry, tmp_path / "local", quiet=True).run()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        RayExecutor(load_job(path, registry), registry, tmp_path / "ray", workers=2, quiet=True).run()
+    finally:
+        ray.shutdown()
+    assert _frames(tmp_path / "ray") == _frames(tmp_path / "local") and len(_frames(tmp_path / "local")) == 9
+    manifest = lambda out: sorted(json.loads(line)["id"] for line in (out / "manifest.jsonl").open())  # noqa: E731
+    assert manifest(tmp_path / "ray") == manifest(tmp_path / "local")
 
 
 # ---------------------------------------------------------------- attention interpolation
