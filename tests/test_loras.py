@@ -94,6 +94,29 @@ def test_effect_rises_with_weight_and_weight_zero_is_no_lora(write_job, registry
 
 
 @pytest.mark.slow
+def test_past_the_adapter_limit_the_least_recently_used_lora_unloads_and_reloads_the_same(
+        write_job, registry, lora_dir, monkeypatch):
+    """PEFT's load slows with every adapter held, so at most MAX_ADAPTERS stay loaded; a LoRA that was
+    unloaded loads again when a batch needs it, with the same pixels."""
+    from safetensors.torch import load_file, save_file
+
+    import sdbatch_plugins.loras as loras
+
+    tensors = load_file(str(lora_dir / "tint.safetensors"))
+    for index in (1, 2):  # other LoRAs: the tint at other strengths
+        save_file({k: v * (1 - index / 4) for k, v in tensors.items()}, str(lora_dir / f"tint{index}.safetensors"))
+    monkeypatch.setattr(loras, "MAX_ADAPTERS", 2)
+    job = _job(write_job, registry, lora_dir, "sweep:\n          lora: [tint, tint1, tint2, tint]")
+    renderer = Renderer(registry, "cpu", "float32", job.plan.models)
+    items = list(job.plan)
+    images = [np.asarray(renderer.render([item])[0].image) for item in items]
+    model = renderer.model_for(items[0])
+    assert len(model.extra["lora_adapters"]) == 2 and model.extra["lora_loads"] == 4  # tint loaded twice
+    assert np.array_equal(images[0], images[3])
+    assert len({image.tobytes() for image in images[:3]}) == 3
+
+
+@pytest.mark.slow
 def test_kohya_file_and_prompt_tag_give_the_same_pixels(write_job, registry, lora_dir):
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
     from safetensors.torch import load_file, save_file
@@ -176,6 +199,36 @@ def test_an_embedding_renders_its_words_and_records_its_hash(write_job, registry
     (png,) = (tmp_path / "out").rglob("*.png")
     parsed = read_image_metadata(png)["parsed"]
     assert parsed["TI hashes"] == f"BigBlue: {embedding_hash(embeddings / 'BigBlue.safetensors')}"
+
+
+@pytest.mark.slow
+def test_the_trained_embedding_draws_its_concept(write_job, registry):
+    """sdbatch-tiny's shipped embedding ``tinysun`` (trained by ``sdbatch.tiny.train_embedding`` on pictures
+    of a large yellow circle at the top on black, never named in its captions) draws that concept; the
+    same prompt without the embedding does not."""
+    from sdbatch.tiny import classifier, embeddings_path
+    from sdbatch.tiny.train_embedding import CONCEPT
+
+    model = classifier.load()
+
+    def concept_share(extra: str) -> float:
+        job = load_job(write_job(f"""
+            prompt: "a picture of tinysun"
+            steps: 12
+            sweep: {{seed: {{start: 1, count: 8}}}}
+            {extra}
+        """), registry)
+        renderer = Renderer(registry, "cpu", "float32", job.plan.models)
+        images = np.stack([np.asarray(r.image) for r in renderer.render(list(job.plan))])
+        found = classifier.predict(model, images)
+        hits = [all(found[key][i] == value for key, value in CONCEPT.items() if key in found)
+                for i in range(len(images))]
+        return sum(hits) / len(hits)
+
+    with_embedding = concept_share(f"embeddings: {embeddings_path()}")
+    without = concept_share("")
+    print(f"concept drawn: {with_embedding:.0%} with the embedding, {without:.0%} without")
+    assert with_embedding >= 0.6 and without <= 0.2
 
 
 @pytest.mark.slow

@@ -34,4 +34,9 @@ def lora_path() -> Path:
     return Path(__file__).resolve().parent / "lora" / "tint.safetensors"
 
 
-__all__ = ["MODEL_NAME", "model_path", "controlnet_path", "depth_estimator_path", "lora_path"]
+def embeddings_path() -> Path:
+    """The shipped embeddings folder for sdbatch-tiny: ``tinysun`` (``train_embedding`` makes it)."""
+    return Path(__file__).resolve().parent / "embeddings"
+
+
+__all__ = ["MODEL_NAME", "model_path", "controlnet_path", "depth_estimator_path", "lora_path", "embeddings_path"]
