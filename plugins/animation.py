@@ -48,12 +48,27 @@ class KeyframesConditioner(Conditioner):
             if animation["embeddings"] == "attention":
                 mixes[row] = (model.encode_prompt(end["prompt"], clip_skip=skip)["encoder_hidden_states"],
                               model.encode_prompt(end["negative_prompt"], clip_skip=skip)["encoder_hidden_states"], t)
+                self._mix_pooled(model, state, row, animation, skip)
             else:
                 self._mix_embeddings(model, state, row, animation, skip)
             mix_noise = MIXERS[animation["noise"]]
             state.latents[row] = mix_noise(start_latents(model, item, start),
                                            start_latents(model, item, end), t)
         return AttentionMix(model, state, mixes) if mixes else None
+
+    @staticmethod
+    def _mix_pooled(model, state, row: int, animation: dict, skip) -> None:
+        """Under attention interpolation, conditioning other than the text states (SDXL's pooled vector)
+        moves linearly with t; the states themselves are mixed in each cross-attention layer."""
+        from sdbatch.latents import MIXERS
+
+        start, end, t = animation["from"], animation["to"], animation["t"]
+        for rows, key in ((state.prompt, "prompt"), (state.negative, "negative_prompt")):
+            names = [name for name in rows if name != "encoder_hidden_states"]
+            if names:
+                a, b = model.encode_prompt(start[key], clip_skip=skip), model.encode_prompt(end[key], clip_skip=skip)
+                for name in names:
+                    rows[name][row] = MIXERS["lerp"](a[name], b[name], t)
 
     @staticmethod
     def _mix_embeddings(model, state, row: int, animation: dict, skip) -> None:

@@ -76,9 +76,8 @@ class StableDiffusionXL(StableDiffusion):
                         "StableDiffusionXLInpaintPipeline", "StableDiffusionXLControlNetPipeline")
     components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     capabilities = frozenset({"cfg", "negative_prompt", "clip_skip", "controlnet", "img2img", "inpaint", "text_edit",
-                              "local_basis", "sega"})
-    limits = {"attention": "attention interpolation is not supported on SDXL yet",
-              "t5": T5_LIMIT.format(name="Stable Diffusion XL")}
+                              "local_basis", "sega", "attention"})
+    limits = {"t5": T5_LIMIT.format(name="Stable Diffusion XL")}
     defaults = {"width": 1024, "height": 1024, "steps": 30, "guidance": 5.0, "sampler": "Euler"}
 
     def matches_keys(self, keys) -> bool:

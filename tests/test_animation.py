@@ -661,15 +661,20 @@ def test_mixing_attention_interpolates_the_outputs_of_both_prompts_per_row():
 
 
 @pytest.mark.slow
-def test_attention_interpolation_renders_and_leaves_keyframes_alone(write_job, tiny_model, registry):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_attention_interpolation_renders_and_leaves_keyframes_alone(family, write_job, tiny_model, registry, request):
     from sdbatch.render import Renderer
+
+    folder = tiny_model if family == "sd1" else request.getfixturevalue("tiny_sdxl")  # SDXL: pooled moves too
 
     def job(embeddings, guidance):
         return load_job(write_job(f"""
-            model: {tiny_model}
+            model: {folder}
             sampler: DDIM
             steps: 3
             guidance: {guidance}
+            width: 64
+            height: 64
             animation:
               keyframes: {{0: {{prompt: "a red circle", seed: 1}}, 4: {{prompt: "a blue square", seed: 2}}}}
               interpolate: {{embeddings: {embeddings}, timing: uniform}}
