@@ -77,6 +77,13 @@ class HiresConditioner(Conditioner):
     # one second-pass size and schedule per batch
     batch_options = ("scale", "width", "height", "steps", "denoise", "upscaler")
 
+    def check(self, options, job) -> list[str]:
+        """An edit moves x_t of the first pass's size at a step: it has no second pass to move."""
+        if getattr(job.spec, "edit", None) is not None:
+            return ["the hires fix does not apply to edit jobs (their latent edits are made for the first "
+                    "pass's size); upscale edited images with postprocess: resize instead"]
+        return []
+
     def a1111_fields(self, item, options) -> list:
         """A1111's hires fields: ``Hires upscale`` or ``Hires resize``, ``Hires steps``, ``Hires upscaler``."""
         fields = [("Denoising strength", f"{options.denoise:g}")]

@@ -286,6 +286,7 @@ class _Validator:
                 self.fail((section,), self.registry.unknown_message("conditioner", conditioner))
             else:
                 uses["conditioners"].append(PluginUse(conditioner, {}))  # runs after the text conditioner
+                self.positions.setdefault("conditioners", []).append((section,))  # its problems: at the section
         wildcards_problem = folder_problem(Path(spec.wildcards)) if spec.wildcards else None
         if wildcards_problem:  # dynamicprompts would read a FIFO there forever
             self.fail(("wildcards",), wildcards_problem)

@@ -145,3 +145,16 @@ def test_hires_errors_point_at_their_line(write_job, registry):
     with pytest.raises(JobError) as error:
         load_job(twice, registry)
     assert "given twice" in str(error.value) and ":2:" in str(error.value)
+
+
+def test_hires_on_an_edit_job_is_refused_at_its_line(write_job, registry):
+    path = write_job("""
+        hires: {scale: 2}
+        edit:
+          source: {prompt: "a red circle", seed: 1}
+          directions: [{kind: prompt-difference, from: red, to: blue}]
+          strengths: [0, 1]
+    """)
+    with pytest.raises(JobError) as error:
+        load_job(path, registry)
+    assert "does not apply to edit jobs" in str(error.value) and ":1:" in str(error.value)
