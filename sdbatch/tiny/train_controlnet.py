@@ -191,7 +191,8 @@ def train(kind: str, cfg: ControlConfig, model: Path, ckpt: Path, out: Path) -> 
     scaling = vae.config.scaling_factor  # the shipped model's, as the base U-Net was trained with
     ids = tokenize(tok, captions)
     empty = tokenize(tok, [""])[0]
-    print(f"data: {len(images)} scenes and {kind} maps in {time.time() - t_data:.0f}s; machine: {machine()}",
+    what = "stick figures" if kind == "pose" else "scenes"
+    print(f"data: {len(images)} {what} and {kind} maps in {time.time() - t_data:.0f}s; machine: {machine()}",
           flush=True)
 
     torch.manual_seed(cfg.seed + STAGE_IDS[kind])
