@@ -48,6 +48,23 @@ def prompt_text(attrs: dict, position: bool = True) -> str:
     return f"a {attrs['size']} {attrs['colour']} {attrs['shape']}, {scenes.background_phrase((attrs['background'],))}"
 
 
+def parse_single(prompt: str) -> dict:
+    """The attributes of a one-shape caption ('a large red circle on the left, on a yellow background')."""
+    phrases = {v: k for k, v in scenes._POSITION_PHRASE.items()}
+    head, background = prompt.split(", on ")
+    words = head.split()
+    return {"size": words[1], "colour": words[2], "shape": words[3], "position": phrases[" ".join(words[4:])],
+            "background": background.split()[1]}
+
+
+def seed_drawn(template: str, seeds: int, wildcards: str | None = None) -> list[dict]:
+    """The attributes each seed draws from a template under ``prompt_sampling: random`` (sdbatch's own sampler)."""
+    from sdbatch.plan import PromptSampler
+
+    sampler = PromptSampler(wildcards)
+    return [parse_single(sampler.sample(template, seed)) for seed in range(seeds)]
+
+
 def data_images(attrs: dict, n: int, position: bool = True, seed: int = 0) -> np.ndarray:
     """n training-distribution scenes for the caption (position drawn at random when the prompt has none)."""
     rng = np.random.default_rng(seed)
@@ -92,7 +109,8 @@ def _adherence(images: np.ndarray, attrs: dict, position: bool, model) -> float:
 
 @torch.no_grad()
 def measure(guidances=(1.0, 2.0, 3.0, 5.0), seeds: int = 16, prompts=PROMPTS, model: Path = model_path(),
-            keep: tuple | None = None, sampler: str | None = None) -> tuple[dict, dict]:
+            keep: tuple | None = None, sampler: str | None = None, template: str | None = None,
+            wildcards: str | None = None) -> tuple[dict, dict]:
     """Variety per prompt kind (with / without the position phrase) per guidance, and the data's; images kept for ``keep`` (guidance, kind)."""
     from sdbatch.tiny import classifier
 
@@ -121,7 +139,28 @@ def measure(guidances=(1.0, 2.0, 3.0, 5.0), seeds: int = 16, prompts=PROMPTS, mo
             rows[f"guidance {guidance:g} adherence"] = round(float(np.mean(scores)), 3)
         report[kind] = {name: _average(value) for name, value in rows.items()}
         print(kind, json.dumps(report[kind]), flush=True)
+    if template is not None:
+        report["seed draws position and size"] = _drawn(pipe, settings, template, wildcards, seeds, guidances, kept)
+        print(json.dumps(report["seed draws position and size"]), flush=True)
     return report, kept
+
+
+def _drawn(pipe, settings, template: str, wildcards, seeds: int, guidances, kept: dict) -> dict:
+    """Variety when each seed draws the position and size from ``template`` (the quickstart), vs the data for it."""
+    drawn = seed_drawn(template, seeds, wildcards)
+    data = np.stack([scenes.make_single(a["shape"], a["colour"], a["position"], a["size"], a["background"],
+                                        seed=i).image for i, a in enumerate(drawn)])
+    kept[("data", "drawn")] = [data]
+    reference = {**drawn[0], "position": None, "size": None}
+    row = {"template": template, "data": variety(data, reference)}
+    for guidance in guidances:
+        images = pipe([scenes.single_caption(**a) for a in drawn], num_inference_steps=settings["steps"],
+                      guidance_scale=guidance, height=scenes.SIZE, width=scenes.SIZE, output_type="np",
+                      generator=[torch.Generator().manual_seed(s) for s in range(seeds)]).images
+        images = (images * 255).round().astype(np.uint8)
+        kept[(guidance, "drawn")] = [images]
+        row[f"guidance {guidance:g}"] = variety(images, reference)
+    return row
 
 
 def _average(rows):
@@ -136,7 +175,8 @@ def figure(kept: dict, columns: list[tuple], labels: list[str], path: Path, per_
 
     bands = []
     for key, label in zip(columns, labels):
-        strip = np.concatenate(list(kept[key][0][:per_row]), axis=1)
+        gap = np.full((scenes.SIZE, 2, 3), 255, np.uint8)  # a white line between images
+        strip = np.concatenate([x for img in kept[key][0][:per_row] for x in (img, gap)][:-1], axis=1)
         strip = np.asarray(Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale),
                                                          Image.Resampling.NEAREST))
         head = Image.new("RGB", (strip.shape[1], 16), (255, 255, 255))
@@ -150,28 +190,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
     parser.add_argument("--sampler", default=None, help="default: the model's (sdbatch.json)")
+    parser.add_argument("--template", default=None,
+                        help="also measure seeds drawing the prompt from this template (prompt_sampling: random)")
+    parser.add_argument("--wildcards", default=None, help="wildcard folder for --template")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--figure", type=Path, help="PNG: the data, then the model at --before and --after guidance")
-    parser.add_argument("--before", type=float, default=5.0)
-    parser.add_argument("--after", type=float, default=None)
-    parser.add_argument("--kind", default="without position", choices=["with position", "without position"],
-                        help="prompt kind shown in the figure")
+    parser.add_argument("--figure", type=Path, help="PNG: data and model (at the default guidance) per prompt kind")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    keep = tuple((g, k) for g in (args.before, args.after) if g is not None
-                 for k in ("with position", "without position"))
-    report, kept = measure(tuple(args.guidance), args.seeds, keep=keep, sampler=args.sampler)
+    g = defaults(model_path())["guidance"]
+    keep = ((g, "with position"), (g, "without position"))
+    report, kept = measure(tuple(args.guidance), args.seeds, keep=keep, sampler=args.sampler,
+                           template=args.template, wildcards=args.wildcards)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
     if args.figure:
-        columns = [("data", args.kind), (args.before, args.kind)] + ([(args.after, args.kind)] if args.after else [])
-        labels = [f"training scenes: {prompt_text(PROMPTS[0], args.kind == 'with position')}",
-                  f"sdbatch-tiny, guidance {args.before:g}, seeds 0-7"]
-        labels += [f"sdbatch-tiny, guidance {args.after:g}, seeds 0-7"] if args.after else []
-        figure(kept, columns, labels, args.figure)
+        first = PROMPTS[0]
+        bands = [(("data", "with position"), f"training scenes for '{prompt_text(first)}'"),
+                 ((g, "with position"), f"sdbatch-tiny, same prompt, guidance {g:g}, seeds 0-7"),
+                 (("data", "without position"), f"training scenes for '{prompt_text(first, False)}'"),
+                 ((g, "without position"), f"sdbatch-tiny, same prompt, guidance {g:g}, seeds 0-7")]
+        if args.template:
+            bands += [(("data", "drawn"), f"training scenes, position and size drawn per seed from '{args.template}'"),
+                      ((g, "drawn"), f"sdbatch-tiny, prompt_sampling: random, guidance {g:g}, seeds 0-7")]
+        figure(kept, [b[0] for b in bands], [b[1] for b in bands], args.figure)
 
 
 if __name__ == "__main__":
