@@ -21,7 +21,7 @@ def model_path() -> Path:
 
 
 def controlnet_path(kind: str) -> Path:
-    """Folder of a shipped sdbatch-tiny ControlNet (``canny``, ``depth`` or ``pose``), named sdbatch-tiny-<kind> in jobs."""
+    """Folder of a shipped sdbatch-tiny ControlNet (``canny``, ``depth``, ``pose``), named sdbatch-tiny-<kind>."""
     return Path(__file__).resolve().parent / "controlnet" / kind
 
 

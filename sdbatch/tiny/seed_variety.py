@@ -111,7 +111,10 @@ def _adherence(images: np.ndarray, attrs: dict, position: bool, model) -> float:
 def measure(guidances=(1.0, 2.0, 3.0, 5.0), seeds: int = 16, prompts=PROMPTS, model: Path = model_path(),
             keep: tuple | None = None, sampler: str | None = None, template: str | None = None,
             wildcards: str | None = None) -> tuple[dict, dict]:
-    """Variety per prompt kind (with / without the position phrase) per guidance, and the data's; images kept for ``keep`` (guidance, kind)."""
+    """Variety per prompt kind (with / without the position phrase) per guidance, and the data's.
+
+    Images are kept for the (guidance, kind) pairs in ``keep`` (for the figure).
+    """
     from sdbatch.tiny import classifier
 
     settings = defaults(model)

@@ -247,7 +247,8 @@ def gradient_check(kind: str, model: Path, batches: int = 4, batch: int = 32, se
     vae, unet, text_encoder, tok, noise_sched = (base[k] for k in ("vae", "unet", "text_encoder", "tokenizer", "noise"))
     torch.manual_seed(seed + STAGE_IDS[kind])
     net = make_controlnet(unet, 2 ** (len(vae.config.block_out_channels) - 1))
-    zero_convs = [p for n, p in net.named_parameters() if n.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
+    zero_convs = [p for n, p in net.named_parameters()
+                  if n.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
     n = batches * batch
     if kind == "pose":
         data = figure_data(n, seed=8)
