@@ -39,7 +39,7 @@ class PoseConfig:
     """Everything that decides the result; written beside the checkpoints."""
 
     seed: int = 0
-    n_figures: int = 20_000
+    n_figures: int = 12_000
     steps: int = 2000
     batch: int = 64
     lr: float = 1e-3
