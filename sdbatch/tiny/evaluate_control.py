@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdbatch.tiny import controlnet_path, depth_estimator_path, model_path, scenes
+from sdbatch.tiny import controlnet_path, depth_estimator_path, model_path, pose_estimator_path, scenes
 from sdbatch.tiny.evaluate import SAMPLERS, defaults
 
 EVAL_SEED = 9  # scenes from seeds no model was trained on
@@ -221,8 +221,16 @@ def evaluate_pose(plain, net, n: int, settings: dict) -> dict:
     maps = [Image.fromarray(f.pose_map) for f in found]
     report = {"measure": "limb placement vs the procedural ground truth (sdbatch.tiny.evaluate_control."
                          "limb_placement)", "n": n, "prompt": "the figure's caption (no pose words)"}
-    for name, images in (("with control (true skeleton)", _generate(net, prompts, seeds, settings, maps)),
-                         ("without control", _generate(plain, prompts, seeds, settings))):
+    runs = {"with control (true skeleton)": maps}
+    if pose_estimator_path().is_dir():  # the full offline chain: sdbatch-tiny-pose finds the keypoints
+        from sdbatch_plugins.preprocessors import draw_pose, load_pose_estimator, pose_keypoints
+
+        estimator = load_pose_estimator(str(pose_estimator_path()))
+        runs["with control (sdbatch-tiny-pose estimate)"] = [
+            draw_pose(pose_keypoints(estimator, f.pil(), 0.3), f.pil().size, 0.3) for f in found]
+    runs = {name: _generate(net, prompts, seeds, settings, m) for name, m in runs.items()}
+    runs["without control"] = _generate(plain, prompts, seeds, settings)
+    for name, images in runs.items():
         scores = [limb_placement(img, f) for img, f in zip(images, found)]
         report[name] = {k: _mean([s[k] for s in scores]) for k in ("limbs", "precision", "f1")}
     return report
