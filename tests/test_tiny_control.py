@@ -138,13 +138,13 @@ def test_pose_control_puts_the_limbs_where_the_skeleton_is(write_job, registry, 
         scores[item.axes["image.scale"]].append(limb_placement(image, figure))
     limbs = {k: np.mean([s["limbs"] for s in v]) for k, v in scores.items()}
     f1 = {k: np.mean([s["f1"] for s in v]) for k, v in scores.items()}
-    # Measured: see POSE_MEASURED.
+    # Measured over 100 held-out figures (evaluation.json): limbs 0.828 / 0.411, F1 0.679 / 0.188.
     assert limbs[1.0] > limbs[0.0] + 0.2 and f1[1.0] > f1[0.0] + 0.2, (limbs, f1)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not controlnet_path("pose").is_dir() or not pose_estimator_path().is_dir(),
-                    reason="sdbatch-tiny-pose is not built")
+                    reason="the sdbatch-tiny-pose keypoint estimator is not built (python -m sdbatch.tiny.train_pose)")
 def test_the_pose_conditioner_runs_offline_from_a_picture_of_a_figure(write_job, registry, tmp_path):
     """The full chain: the figure's picture -> sdbatch-tiny-pose keypoints -> skeleton -> the pose ControlNet."""
     figures = held_out_figures(8)
@@ -156,7 +156,7 @@ def test_the_pose_conditioner_runs_offline_from_a_picture_of_a_figure(write_job,
     for item, image in zip(items, images):
         figure = by_file[item.axes["pose.image"].rsplit("/", 1)[1]]
         limbs[item.axes["pose.scale"]].append(limb_placement(image, figure)["limbs"])
-    # Measured: see POSE_CHAIN_MEASURED.
+    # Not measured yet: no sdbatch-tiny-pose estimator is shipped (train_pose makes one).
     assert np.mean(limbs[1.0]) > np.mean(limbs[0.0]) + 0.2, limbs
 
 
