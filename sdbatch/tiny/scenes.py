@@ -121,6 +121,16 @@ def caption(attrs: SceneAttributes) -> str:
     return f"{joiner.join(phrases)}, {background_phrase(attrs.background)}"
 
 
+def layout_free_caption(attrs: SceneAttributes) -> str:
+    """The caption without where things are: no position phrases, "and" for "in front of".
+
+    'a small green triangle, on a purple background'. What a user writes when a control
+    map, not the prompt, is meant to give the layout (ControlNet training and evaluation).
+    """
+    phrases = [f"a {s.size} {s.colour} {s.shape}" for s in reversed(attrs.shapes)]
+    return f"{' and '.join(phrases)}, {background_phrase(attrs.background)}"
+
+
 def single_caption(shape: str, colour: str, position: str, size: str, background: str) -> str:
     """Caption of a one-shape scene on a plain background (what evaluation prompts use)."""
     spec = ShapeSpec(shape, colour, position, size)
