@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from sdbatch.tiny import pose_estimator_path, scenes
 from sdbatch.tiny.train import LossLog, _lr_lambda, _save_ckpt, _step_generator, machine, resumable_optimizer
@@ -97,12 +98,13 @@ def train(cfg: PoseConfig, ckpt: Path, out: Path) -> None:
     torch.manual_seed(cfg.seed + STAGE_ID)
     model, processor = make_model()
     t_data = time.time()
-    cache = ckpt / f"figures-{cfg.seed}-{cfg.n_figures}.pt"
+    cache = ckpt / f"figures-{cfg.seed}-{cfg.n_figures}.safetensors"  # tensors only: nothing runs when it loads
     if cache.exists():
-        pixels, coords, visible = torch.load(cache).values()
+        data = load_file(str(cache))
+        pixels, coords, visible = data["pixels"], data["coords"], data["visible"]
     else:
         pixels, coords, visible = figure_data(cfg.n_figures, processor, cfg.seed)
-        torch.save({"pixels": pixels, "coords": coords, "visible": visible}, cache)
+        save_file({"pixels": pixels, "coords": coords, "visible": visible}, str(cache))
     print(f"data: {len(pixels)} figures in {time.time() - t_data:.0f}s; machine: {machine()}", flush=True)
     model.train()
     folder = ckpt / "ckpt"
