@@ -77,6 +77,17 @@ def _images(registry, path):
     return items, [images[item.id] for item in items]
 
 
+def _scores_by_scale(items, images, sources, conditioner: str, score) -> dict:
+    """scale -> [score(image, source) for each item at that scale]; an item's source is the scene or figure
+    whose picture `_zipped_job` wrote as its input file (``sceneNN.png``)."""
+    by_file = {f"scene{i:02d}.png": source for i, source in enumerate(sources)}
+    scores: dict = {}
+    for item, image in zip(items, images):
+        source = by_file[item.axes[f"{conditioner}.image"].rsplit("/", 1)[1]]
+        scores.setdefault(item.axes[f"{conditioner}.scale"], []).append(score(image, source))
+    return scores
+
+
 def test_the_tiny_depth_estimator_finds_the_shape_in_front_of_the_background():
     """Measured: 100% of 100 held-out one-shape scenes, correlation 0.86 with the true map.
 
@@ -114,11 +125,7 @@ def test_depth_control_puts_the_front_shape_in_front(write_job, registry, tmp_pa
     maps = [_Input(s, picture=s.depth) for s in scenes]
     items, images = _images(registry, _zipped_job(write_job, maps, tmp_path, "image",
                                                   ", controlnet: sdbatch-tiny-depth"))
-    by_file = {f"scene{i:02d}.png": s for i, s in enumerate(scenes)}
-    right = {0.0: [], 1.0: []}
-    for item, image in zip(items, images):
-        scene = by_file[item.axes["image.image"].rsplit("/", 1)[1]]
-        right[item.axes["image.scale"]].append(front_wins_overlap(image, scene))
+    right = _scores_by_scale(items, images, scenes, "image", front_wins_overlap)
     # Measured over 100 held-out pairs (evaluation.json): 72% with control, 25% without.
     assert np.mean(right[1.0]) >= np.mean(right[0.0]) + 0.25, right
 
@@ -131,11 +138,7 @@ def test_pose_control_puts_the_limbs_where_the_skeleton_is(write_job, registry, 
     maps = [_Input(f, picture=f.pose_map, caption=f.caption) for f in figures]
     items, images = _images(registry, _zipped_job(write_job, maps, tmp_path, "image",
                                                   ", controlnet: sdbatch-tiny-pose"))
-    by_file = {f"scene{i:02d}.png": f for i, f in enumerate(figures)}
-    scores = {0.0: [], 1.0: []}
-    for item, image in zip(items, images):
-        figure = by_file[item.axes["image.image"].rsplit("/", 1)[1]]
-        scores[item.axes["image.scale"]].append(limb_placement(image, figure))
+    scores = _scores_by_scale(items, images, figures, "image", limb_placement)
     limbs = {k: np.mean([s["limbs"] for s in v]) for k, v in scores.items()}
     f1 = {k: np.mean([s["f1"] for s in v]) for k, v in scores.items()}
     # Measured over 100 held-out figures (evaluation.json): limbs 0.828 / 0.411, F1 0.679 / 0.188.
@@ -151,11 +154,7 @@ def test_the_pose_conditioner_runs_offline_from_a_picture_of_a_figure(write_job,
     inputs = [_Input(f, caption=f.caption) for f in figures]
     items, images = _images(registry, _zipped_job(
         write_job, inputs, tmp_path, "pose", ", estimator: sdbatch-tiny-pose, controlnet: sdbatch-tiny-pose"))
-    by_file = {f"scene{i:02d}.png": f for i, f in enumerate(figures)}
-    limbs = {0.0: [], 1.0: []}
-    for item, image in zip(items, images):
-        figure = by_file[item.axes["pose.image"].rsplit("/", 1)[1]]
-        limbs[item.axes["pose.scale"]].append(limb_placement(image, figure)["limbs"])
+    limbs = _scores_by_scale(items, images, figures, "pose", lambda image, figure: limb_placement(image, figure)["limbs"])
     # Not measured yet: no sdbatch-tiny-pose estimator is shipped (train_pose makes one).
     assert np.mean(limbs[1.0]) > np.mean(limbs[0.0]) + 0.2, limbs
 
