@@ -154,7 +154,8 @@ def test_the_pose_conditioner_runs_offline_from_a_picture_of_a_figure(write_job,
     inputs = [_Input(f, caption=f.caption) for f in figures]
     items, images = _images(registry, _zipped_job(
         write_job, inputs, tmp_path, "pose", ", estimator: sdbatch-tiny-pose, controlnet: sdbatch-tiny-pose"))
-    limbs = _scores_by_scale(items, images, figures, "pose", lambda image, figure: limb_placement(image, figure)["limbs"])
+    limbs = _scores_by_scale(items, images, figures, "pose",
+                             lambda image, figure: limb_placement(image, figure)["limbs"])
     # Not measured yet: no sdbatch-tiny-pose estimator is shipped (train_pose makes one).
     assert np.mean(limbs[1.0]) > np.mean(limbs[0.0]) + 0.2, limbs
 
