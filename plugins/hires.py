@@ -20,7 +20,7 @@ from typing import Literal
 from sdbatch import hookimpl
 from sdbatch.api import Conditioner, Extension
 
-#: sdbatch's upscaler names -> (A1111's name, torch interpolation mode, antialias); None: image upscalers.
+#: sdbatch's latent upscaler names -> (A1111's name, torch interpolation mode, antialias).
 LATENT_UPSCALERS = {
     "latent": ("Latent", "bilinear", False),
     "latent-antialiased": ("Latent (antialiased)", "bilinear", True),
@@ -30,6 +30,8 @@ LATENT_UPSCALERS = {
     "latent-nearest-exact": ("Latent (nearest-exact)", "nearest-exact", False),
 }
 IMAGE_UPSCALERS = {"lanczos": "Lanczos", "nearest": "Nearest"}
+#: Every upscaler's name as A1111 writes it in ``Hires upscaler``.
+A1111_UPSCALERS = {**{name: spec[0] for name, spec in LATENT_UPSCALERS.items()}, **IMAGE_UPSCALERS}
 #: Second-pass sizes are rounded down to this (FLUX.1 and SD3 latents come in 2x2 patches of 8x8 pixels).
 SIZE_MULTIPLE = 16
 
@@ -94,8 +96,7 @@ class HiresConditioner(Conditioner):
             fields.append(("Hires upscale", f"{options.scale:g}"))
         if options.steps:
             fields.append(("Hires steps", options.steps))
-        upscaler = LATENT_UPSCALERS.get(options.upscaler, (IMAGE_UPSCALERS.get(options.upscaler),))[0]
-        fields.append(("Hires upscaler", upscaler))
+        fields.append(("Hires upscaler", A1111_UPSCALERS[options.upscaler]))
         return fields
 
     def condition(self, items, options, model, state):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from sdbatch import hookimpl
 from sdbatch.api import ModelInfo, ModelLoader, ModelRequest
+from sdbatch.inputs import HUB_ID
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def read_defaults(folder: Path) -> dict:

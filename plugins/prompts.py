@@ -353,14 +353,15 @@ def apply_emphasis(hidden, weights):
 
 
 def encode_prompt_chunks(tokenizer, encoder: Encoder, prompt: str, *, emphasis: bool = True,
-                         backtrack: int = COMMA_BACKTRACK):
+                         backtrack: int = COMMA_BACKTRACK, max_chunks: int | None = None):
     """One prompt's hidden states (77 x chunks, features) and its first chunk's pooled output (or None).
 
-    ``emphasis=False`` is A1111's "Ignore": weights parsed and dropped.
+    ``emphasis=False`` is A1111's "Ignore": weights parsed and dropped. ``max_chunks`` encodes only
+    the first chunks (SD3's and FLUX.1's CLIP parts read one).
     """
     import torch
 
-    chunks = prompt_chunks(tokenizer, prompt, backtrack)
+    chunks = prompt_chunks(tokenizer, prompt, backtrack)[:max_chunks]
     ids = torch.tensor([chunk.tokens for chunk in chunks])
     weights = torch.tensor([chunk.weights for chunk in chunks])
     with torch.inference_mode():
@@ -445,12 +446,4 @@ def encode_t5(encoder, tokenizer, prompt: str, length: int, *, emphasis: bool = 
 def first_chunk(tokenizer, encoder: Encoder, prompt: str, *, emphasis: bool = True):
     """(hidden states (77, features), pooled) of a prompt's first A1111 chunk: the CLIP parts of
     SD3 and FLUX.1, whose pipelines read 77 tokens (T5 carries the long context)."""
-    import torch
-
-    chunk = prompt_chunks(tokenizer, prompt)[0]
-    weights = torch.tensor([chunk.weights])
-    with torch.inference_mode():
-        hidden, pooled = encoder(torch.tensor([chunk.tokens]))
-        if emphasis and bool((weights != 1.0).any()):
-            hidden = apply_emphasis(hidden, weights)
-    return hidden[0], None if pooled is None else pooled[0]
+    return encode_prompt_chunks(tokenizer, encoder, prompt, emphasis=emphasis, max_chunks=1)

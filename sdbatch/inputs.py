@@ -13,10 +13,13 @@ import dataclasses
 import errno
 import hashlib
 import os
+import re
 import stat
 from functools import lru_cache
 from pathlib import Path
 
+#: A Hugging Face hub model id (organisation/name), as a model, ControlNet or tiny VAE may be named.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from .api import ModelRequest, PluginUse
 from .errors import JobError, KeyPath, did_you_mean, short_repr, shorten
-from .inputs import IMAGE_SUFFIXES, InputFiles, folder_problem, image_files, image_option_names, safetensors_problem
+from .inputs import (HUB_ID, IMAGE_SUFFIXES, InputFiles, folder_problem, image_files, image_option_names,
+                     safetensors_problem)
 from .output import check_name
 from .plan import SIZE_PATTERN, Axis, Plan, SeedRange, expand_prompts, PromptError
 from .plugins import Registry
@@ -375,7 +376,7 @@ class _Validator:
         if not ref:
             return
         path = Path(ref).expanduser()
-        local = path.is_absolute() or ref.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", ref) or path.exists()
+        local = path.is_absolute() or ref.startswith(".") or not HUB_ID.fullmatch(ref) or path.exists()
         if local and not (path / "config.json").is_file():
             self.fail(("speed", "tiny_vae"), f"no AutoencoderTiny at {shorten(ref)} (a folder with config.json "
                                              f"and safetensors weights, or a hub id such as madebyollin/taesd)")

@@ -150,7 +150,7 @@ class Renderer:
         model, first = state.model, items[0]
         images = self._decode(model, model.family.unpack(model, latents, first.width, first.height))
         pils = []
-        for row, pil in zip(range(len(items)), _to_pils(images[: len(items)])):
+        for row, pil in enumerate(_to_pils(images[: len(items)])):
             for extension in extensions:
                 pil = extension.finish(row, pil)
             pils.append(pil)
@@ -169,9 +169,7 @@ class Renderer:
     def _refine(self, items: list[Item], clean, strength: float) -> list[Rendered]:
         state, extensions = self.prepare(items, strength=strength)
         model = state.model
-        rows = clean.to(model.device, model.dtype)
-        if len(rows) < len(state.items):  # the batch's padding rows start from the last item's
-            rows = torch.cat([rows, rows[-1:].expand(len(state.items) - len(rows), *rows.shape[1:])])
+        rows = pad_rows(clean.to(model.device, model.dtype), len(state.items))  # padding rows: the last item's
         state.x = noised(state.scheduler, model.family.pack(model, rows), state.noise, state.timesteps[0])
         return self.finish(items, state, extensions, self.denoise(state, extensions))
 
@@ -344,12 +342,13 @@ def decode_rows(model: Model, shape) -> int:
     return max(1, min(rows, int(0.6 * free) // per_row))
 
 
+def pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``rows`` with copies of its last row appended up to ``count`` rows."""
+    if len(rows) >= count:
+        return rows
+    return torch.cat([rows, rows[-1:].expand(count - len(rows), *rows.shape[1:])])
+
+
 def fixed_chunks(rows: torch.Tensor, size: int) -> list:
     """``rows`` in chunks of exactly ``size`` (the last padded with copies of the last row): one kernel shape."""
-    chunks = []
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
-        if len(chunk) < size:
-            chunk = torch.cat([chunk, chunk[-1:].expand(size - len(chunk), *chunk.shape[1:])])
-        chunks.append(chunk)
-    return chunks
+    return [pad_rows(rows[start:start + size], size) for start in range(0, len(rows), size)]
