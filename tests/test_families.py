@@ -299,6 +299,27 @@ def test_t5_reads_a1111_syntax_with_weights_and_long_context(family, request, wr
     assert int(difference.argmax()) > 256  # the changed word, past token 256, is read
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_t5_tokens_renders_and_reads_more(family, request, write_job, registry):
+    folder = request.getfixturevalue(f"tiny_{family}")
+    long = "a red circle on blue background, " + ", ".join(["a small green square"] * 60)  # 307 T5 tokens
+    images = []
+    for extra in ("", "conditioners: [{text: {t5_tokens: 512}}]"):
+        job = load_job(write_job(f"""
+            model: {folder}
+            prompt: "{long}"
+            sampler: Flow Euler
+            steps: 2
+            width: 64
+            height: 64
+            seed: 3
+            {extra}
+        """, f"t5-{bool(extra)}.yaml"), registry)
+        images.append(np.asarray(Renderer(registry, "cpu", "float32", job.plan.models).render(list(job.plan))[0].image))
+    # SD3 reads 256 tokens by default, so 512 reads more; FLUX.1 reads 512 already: the same picture
+    assert np.array_equal(*images) == (family == "flux")
+
+
 def test_t5_tokens_on_a_family_without_t5_stops_at_its_line(write_job, registry, tiny_model):
     path = write_job(f"""
         model: {tiny_model}

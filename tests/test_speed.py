@@ -61,8 +61,8 @@ def test_tiny_vae_decodes_and_is_another_item(registry, write_job, tiny_taesd, p
     assert items[0].id != plain_items[0].id
 
 
-def test_compile_renders_the_same_pixels(registry, write_job, plain):
-    backend = "aot_eager"  # traces and runs the graph through AOTAutograd; inductor needs a compiler and minutes
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])  # inductor needs a C compiler and minutes
+def test_compile_renders_the_same_pixels(registry, write_job, plain, backend):
     _, items, _, alone = _render(registry, write_job(  # one batch shape: one trace
         BASE + f"speed: {{compile: default, compile_backend: {backend}}}\n"), batch=False)
     _, plain_items, _, plain_alone = plain
@@ -76,6 +76,15 @@ def test_channels_last_renders(registry, write_job, plain):
     _, plain_items, _, plain_alone = plain
     for ours, theirs in zip(alone, plain_alone):
         assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    assert all(np.array_equal(a, b) for a, b in zip(together, alone))
+    assert items[0].id != plain_items[0].id
+
+
+def test_decode_batch_renders_and_is_another_item(registry, write_job, plain):
+    """``decode_batch`` sets the rows per VAE call on CUDA; the CPU decodes row by row whatever it says."""
+    _, items, together, alone = _render(registry, write_job(BASE + "speed: {decode_batch: 2}\n"))
+    _, plain_items, _, plain_alone = plain
+    assert all(np.array_equal(a, b) for a, b in zip(alone, plain_alone))
     assert all(np.array_equal(a, b) for a, b in zip(together, alone))
     assert items[0].id != plain_items[0].id
 
