@@ -2,17 +2,21 @@
 
 CPU kernels pick algorithms by shape, which changes the last bits of every row: MKL's
 GEMM takes other paths for a few rows (1-3 rows on one thread, any count not a multiple
-of 4 below 12-28 with more threads), oneDNN convolutions pick kernels by batch size, and
-PyTorch's own convolutions switch to NNPACK from 16 images up (batch 8 with CFG).
+of 4 below 12-28 with more threads), and PyTorch's convolution dispatch picks by batch
+size among its own im2col kernel (one small image, 1x1 kernels on one thread), oneDNN
+and NNPACK (16 images and up, i.e. batch 8 with CFG).
 
-The swap below makes every Linear and Conv2d of a module one GEMM whose row count is
-padded to a multiple of ``ROW_BLOCK``: each row's sums run in the same order whatever
-the batch, and a convolution is one large GEMM over the whole batch (as fast as oneDNN
-on CPU). The rest of a denoiser is row-independent as PyTorch implements it: GroupNorm
-and LayerNorm reduce per row, ``scaled_dot_product_attention`` splits work by sequence
-length and per (batch, head), the scheduler step is elementwise. Public API for plugins
-that load extra networks (ControlNets, adapters); torch is imported only when a helper
-is called.
+The swap below makes every Linear one GEMM whose row count is padded to a multiple of
+``ROW_BLOCK``, so each row's sums run in the same order whatever the batch, and every
+plain Conv2d one direct oneDNN call: oneDNN's forward convolution loops over images
+outside its reduction, so an image gets the same bits at any batch size, position or
+thread count (``tests/test_rows.py`` checks it on the machine that runs the suite); it
+is PyTorch's dispatch, not oneDNN, that changed with the batch. Without oneDNN (or for
+dtypes it does not take) a convolution is im2col and one row-independent GEMM. The rest
+of a denoiser is row-independent as PyTorch implements it: GroupNorm and LayerNorm
+reduce per row, ``scaled_dot_product_attention`` splits work by sequence length and per
+(batch, head), the scheduler step is elementwise. Public API for plugins that load extra
+networks (ControlNets, adapters); torch is imported only when a helper is called.
 """
 
 from __future__ import annotations
@@ -47,9 +51,30 @@ def invariant_linear(x, weight, bias=None):
     return rows_matmul(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
+def onednn_conv2d(conv, x):
+    """A Conv2d as one direct oneDNN call, bypassing PyTorch's choice of kernel by batch size.
+
+    The input takes the weight's memory format, so the kernel oneDNN runs depends on the
+    layer (and the model's ``channels_last`` option) only, never on how the batch arrived.
+    """
+    import torch
+
+    weight = conv.weight
+    channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.mkldnn_convolution(x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+
+
+def onednn_fits(x) -> bool:
+    """Whether ``x`` can take the direct oneDNN convolution (CPU float32 or bfloat16)."""
+    import torch
+
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available())
+
+
 def invariant_conv2d(conv, x):
-    """A Conv2d as im2col and row-independent GEMMs: no oneDNN or NNPACK kernel, whose choice
-    depends on the batch size.
+    """A Conv2d as im2col and row-independent GEMMs, for CPUs and dtypes without oneDNN.
 
     Patches are gathered channels-last (one strided copy) into one GEMM over the whole batch,
     as fast as oneDNN here; past ``PATCH_BYTES`` they go by image and band of output rows.
@@ -94,7 +119,7 @@ def _patch_weight(conv):
 
 
 def _gemm_conv_fits(conv) -> bool:
-    """Plain convolutions (the denoisers' and VAEs') take the GEMM path; others keep PyTorch's."""
+    """Plain convolutions (the denoisers' and VAEs') take oneDNN or the GEMM path; others keep PyTorch's."""
     return (conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str))
 
@@ -112,12 +137,13 @@ def _invariant_classes():
                 return invariant_linear(x, self.weight, self.bias)
 
         class RowIndependentConv2d(torch.nn.Conv2d):
-            """Conv2d as im2col + one GEMM; unusual convolutions (groups, dilation) run
-            PyTorch's per-image kernel with oneDNN and NNPACK off."""
+            """Conv2d as one direct oneDNN call (or im2col + one GEMM without oneDNN);
+            unusual convolutions (groups, dilation) run PyTorch's per-image kernel with
+            oneDNN and NNPACK off."""
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 if _gemm_conv_fits(self) and x.dim() == 4:
-                    return invariant_conv2d(self, x)
+                    return onednn_conv2d(self, x) if onednn_fits(x) else invariant_conv2d(self, x)
                 with row_independent_kernels("cpu"):
                     return super().forward(x)
 

@@ -37,9 +37,19 @@ def test_linear_rows_are_independent_for_2d_and_3d_inputs():
     assert plain  # the plain layer does differ (MKL's few-row path): the swap is what fixes it
 
 
+@pytest.fixture(params=["onednn", "gemm"])
+def conv_path(request, monkeypatch):
+    """Both convolution paths: direct oneDNN (the default on CPU) and im2col GEMMs (without oneDNN)."""
+    if request.param == "gemm":
+        monkeypatch.setattr(rows, "onednn_fits", lambda x: False)
+    elif not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
                                    dict(kernel_size=1), dict(kernel_size=2, stride=2)])
-def test_conv2d_rows_are_independent_and_match_pytorch(shape):
+def test_conv2d_rows_are_independent_and_match_pytorch(shape, conv_path):
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(16, 24, **shape)
     inputs = torch.randn(24, 16, 6, 6)
@@ -52,6 +62,7 @@ def test_conv2d_rows_are_independent_and_match_pytorch(shape):
 
 
 def test_large_convolutions_go_in_bands_with_the_same_results(monkeypatch):
+    monkeypatch.setattr(rows, "onednn_fits", lambda x: False)  # the GEMM path's bands
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(8, 8, 3, padding=1)
     rows.make_rows_independent(layer)
@@ -85,7 +96,36 @@ def test_swap_is_generic_and_leaves_subclasses_and_other_convs_alone():
                                                          padding=1, groups=8), atol=1e-6)
 
 
-def test_one_image_through_a_pointwise_convolution_matches_the_batch():
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("channels, size", [(4, 16), (32, 16), (64, 8), (128, 4), (320, 8)])
+def test_onednn_gives_each_image_its_own_bits_at_any_batch_size_position_and_thread_count(channels, size, threads):
+    # The premise of the oneDNN path, checked on the machine that runs the suite: the same image
+    # at the start or the end of batches of 1 to 24 images gets the bits it gets alone.
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    torch.set_num_threads(threads)
+    torch.manual_seed(channels)
+    layer = torch.nn.Conv2d(channels, 64, 3, padding=1)
+    rows.make_rows_independent(layer)
+    pool = torch.randn(24, channels, size, size)
+    with torch.inference_mode():
+        alone = layer(pool[:1])
+        for count in ROW_COUNTS:
+            assert torch.equal(layer(pool[:count])[:1], alone), count
+            assert torch.equal(layer(torch.cat([pool[1:count], pool[:1]]))[-1:], alone), count
+
+
+def test_a_channels_last_input_gets_the_bits_of_a_contiguous_one():
+    # oneDNN picks other kernels for channels-last tensors: the layer fixes the format by its weight.
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(16, 16, 3, padding=1)
+    rows.make_rows_independent(layer)
+    inputs = torch.randn(3, 16, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(layer(inputs.contiguous(memory_format=torch.channels_last)), layer(inputs))
+
+
+def test_one_image_through_a_pointwise_convolution_matches_the_batch(conv_path):
     # One image's 1x1 patches are a column-major view; the batch's are copied row-major.
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(4, 4, 1)  # a VAE's post_quant_conv
