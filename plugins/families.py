@@ -40,13 +40,16 @@ class StableDiffusion(Family):
         return {"safety_checker": None, "requires_safety_checker": False}
 
     def encode_prompt(self, model, text: str, options: dict) -> dict:
-        # A1111 prompt syntax: (word:1.2) weights, BREAK, any length as 75-token chunks; <lora:...> tags removed
-        from .prompts import clip_encoder, encode_prompt_chunks, extract_networks
+        return self.encode_prompts(model, [text], options)[0]
 
-        text, _ = extract_networks(text)
+    def encode_prompts(self, model, texts: list, options: dict) -> list:
+        # A1111 prompt syntax: (word:1.2) weights, BREAK, any length as 75-token chunks (<lora:...> tags
+        # dropped); on a GPU all prompts' chunks go through the encoder in fixed-shape calls
+        from .prompts import clip_encoder, encode_many, rows_per_call
+
         encoder = clip_encoder(model.text_encoder, options.get("clip_skip", 1))
-        hidden, _ = encode_prompt_chunks(model.tokenizer, encoder, text)
-        return {"encoder_hidden_states": hidden.to(model.dtype)}
+        encoded = encode_many(model.tokenizer, encoder, texts, group=rows_per_call(model.device))
+        return [{"encoder_hidden_states": hidden.to(model.dtype)} for hidden, _ in encoded]
 
     def unet_inputs(self, model, x, cond: dict, width: int, height: int) -> dict:
         """The U-Net's conditioning keyword arguments (ControlNets take the same)."""
@@ -86,27 +89,34 @@ class StableDiffusionXL(StableDiffusion):
     def load_kwargs(self, memory: dict) -> dict:
         return {}
 
-    def encode_prompt(self, model, text: str, options: dict) -> dict:
+    def encode_prompts(self, model, texts: list, options: dict) -> list:
         # Each encoder's penultimate layer (Clip skip 2 goes one further), as the pipeline and A1111 do,
         # with A1111's prompt syntax and 75-token chunks; the pooled embedding is CLIP-G's first chunk's.
+        # The tokenizers may split a prompt into different chunk counts: the shorter side gets ""'s chunks.
         import torch
 
-        from .prompts import clip_encoder, encode_prompt_chunks, extract_networks
+        from .prompts import clip_encoder, encode_many, rows_per_call
 
-        text, _ = extract_networks(text)
-        skip = options.get("clip_skip", 1)
-        pairs = ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2))
-        parts, pooled = [], None
-        for tokenizer, encoder in pairs:
-            hidden, pooled = encode_prompt_chunks(tokenizer, clip_encoder(encoder, skip, penultimate=True), text)
-            parts.append(hidden)
-        longest = max(part.shape[0] for part in parts)
-        for index, (tokenizer, encoder) in enumerate(pairs):  # the tokenizers split differently: pad with ""
-            if parts[index].shape[0] < longest:
-                empty, _ = encode_prompt_chunks(tokenizer, clip_encoder(encoder, skip, penultimate=True), "")
-                parts[index] = torch.cat([parts[index], *[empty] * ((longest - parts[index].shape[0]) // 77)])
-        return {"encoder_hidden_states": torch.cat(parts, dim=-1).to(model.dtype),
-                "text_embeds": pooled.to(model.dtype)}
+        group = rows_per_call(model.device)
+        sides = [(tokenizer, clip_encoder(text_encoder, options.get("clip_skip", 1), penultimate=True))
+                 for tokenizer, text_encoder in ((model.tokenizer, model.text_encoder),
+                                                 (model.tokenizer_2, model.text_encoder_2))]
+        encoded = [encode_many(tokenizer, encoder, texts, group=group) for tokenizer, encoder in sides]
+        empties: dict = {}
+
+        def padded(side: int, hidden, chunks: int):
+            if len(hidden) == chunks:
+                return hidden
+            if side not in empties:
+                empties[side] = encode_many(*sides[side], [""], group=group)[0][0]
+            return torch.cat([hidden, *[empties[side]] * ((chunks - len(hidden)) // len(empties[side]))])
+
+        results = []
+        for (first, _), (second, pooled) in zip(*encoded):
+            longest = max(len(first), len(second))
+            states = torch.cat([padded(0, first, longest), padded(1, second, longest)], dim=-1)
+            results.append({"encoder_hidden_states": states.to(model.dtype), "text_embeds": pooled.to(model.dtype)})
+        return results
 
     def unet_inputs(self, model, x, cond: dict, width: int, height: int) -> dict:
         import torch

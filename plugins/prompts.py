@@ -4,7 +4,7 @@ Parsing (torch-free): ``<lora:name:weight>`` tags are taken out of the text (`ex
 then ``(word)``, ``(word:1.3)``, ``[word]``, escapes and ``BREAK`` become (text, weight) fragments
 with A1111's numbers (`parse_prompt_attention`).
 
-Encoding (`encode_prompt_chunks`, `encode_prompts`): the fragments' tokens go into chunks of 75
+Encoding (`encode_prompt_chunks`, `encode_many`, `encode_prompts`): the fragments' tokens go into chunks of 75
 between BOS and EOS (a chunk break moves back to a comma up to 20 tokens earlier; BREAK starts a
 new chunk), each chunk goes through the text encoder, the hidden states are scaled by their
 token's weight and rescaled to the chunk's original mean (A1111's default "Original" emphasis),
@@ -352,23 +352,76 @@ def apply_emphasis(hidden, weights):
     return scaled * (original / scaled.mean(dim=(1, 2), keepdim=True))
 
 
+#: Chunks per text-encoder call on a GPU when prompts are encoded together: every call has this
+#: shape (the last padded), so a prompt's states do not depend on which prompts share its call.
+ROWS_PER_CALL = 8
+
+
+def rows_per_call(device) -> int | None:
+    """How chunks are grouped into encoder calls: ``ROWS_PER_CALL`` fixed-shape rows on a GPU;
+    on the CPU each prompt's chunks alone (MKL's results depend on the row count, and one prompt
+    per call costs no more there)."""
+    return None if str(device) == "cpu" else ROWS_PER_CALL
+
+
 def encode_prompt_chunks(tokenizer, encoder: Encoder, prompt: str, *, emphasis: bool = True,
-                         backtrack: int = COMMA_BACKTRACK, max_chunks: int | None = None):
+                         backtrack: int = COMMA_BACKTRACK, max_chunks: int | None = None,
+                         group: int | None = None):
     """One prompt's hidden states (77 x chunks, features) and its first chunk's pooled output (or None).
 
     ``emphasis=False`` is A1111's "Ignore": weights parsed and dropped. ``max_chunks`` encodes only
-    the first chunks (SD3's and FLUX.1's CLIP parts read one).
+    the first chunks (SD3's and FLUX.1's CLIP parts read one). ``group`` as in `encode_many`.
+    """
+    return encode_many(tokenizer, encoder, [prompt], emphasis=emphasis, backtrack=backtrack,
+                       max_chunks=max_chunks, group=group)[0]
+
+
+def encode_many(tokenizer, encoder: Encoder, prompts: Sequence[str], *, emphasis: bool = True,
+                backtrack: int = COMMA_BACKTRACK, max_chunks: int | None = None, group: int | None = None):
+    """`encode_prompt_chunks` of several prompts, as a list, with their chunks batched into encoder calls.
+
+    ``group=None`` calls the encoder once per prompt; ``group=n`` puts all prompts' chunks
+    through calls of exactly ``n`` rows (the last padded with copies of its last row), so a batch
+    of prompts costs one or a few calls and each prompt gets the states it gets alone.
     """
     import torch
 
-    chunks = prompt_chunks(tokenizer, prompt, backtrack)[:max_chunks]
-    ids = torch.tensor([chunk.tokens for chunk in chunks])
-    weights = torch.tensor([chunk.weights for chunk in chunks])
+    chunked = [prompt_chunks(tokenizer, prompt, backtrack)[:max_chunks] for prompt in prompts]
     with torch.inference_mode():
-        hidden, pooled = encoder(ids)
-        if emphasis and bool((weights != 1.0).any()):
-            hidden = apply_emphasis(hidden, weights)
-    return hidden.reshape(-1, hidden.shape[-1]), None if pooled is None else pooled[0]
+        if group is None:
+            outputs = [encoder(torch.tensor([chunk.tokens for chunk in chunks])) for chunks in chunked]
+        else:
+            every = torch.tensor([chunk.tokens for chunks in chunked for chunk in chunks])
+            outputs = _split(_grouped(encoder, every, group), [len(chunks) for chunks in chunked])
+        results = []
+        for chunks, (hidden, pooled) in zip(chunked, outputs):
+            weights = torch.tensor([chunk.weights for chunk in chunks])
+            if emphasis and bool((weights != 1.0).any()):
+                hidden = apply_emphasis(hidden, weights)
+            results.append((hidden.reshape(-1, hidden.shape[-1]), None if pooled is None else pooled[0]))
+    return results
+
+
+def _grouped(encoder: Encoder, ids, group: int):
+    """``encoder`` over ``ids`` in calls of exactly ``group`` rows: (hidden, pooled or None) of all rows."""
+    import torch
+
+    hiddens, pooleds = [], []
+    for start in range(0, len(ids), group):
+        rows = ids[start:start + group]
+        padded = torch.cat([rows, rows[-1:].expand(group - len(rows), -1)]) if len(rows) < group else rows
+        hidden, pooled = encoder(padded)
+        hiddens.append(hidden[:len(rows)])
+        pooleds.append(None if pooled is None else pooled[:len(rows)])
+    return torch.cat(hiddens), None if pooleds[0] is None else torch.cat(pooleds)
+
+
+def _split(encoded, counts: Sequence[int]) -> list:
+    """All prompts' (hidden, pooled) rows split back into each prompt's ``counts`` chunks."""
+    hidden, pooled = encoded
+    starts = [sum(counts[:index]) for index in range(len(counts))]
+    return [(hidden[start:start + count], None if pooled is None else pooled[start:start + count])
+            for start, count in zip(starts, counts)]
 
 
 def pad_chunks(hiddens: Sequence, empty) -> list:
@@ -391,7 +444,7 @@ def encode_prompts(tokenizer, encoder: Encoder, prompts: Sequence[str], *, empha
     """
     import torch
 
-    encoded = [encode_prompt_chunks(tokenizer, encoder, prompt, emphasis=emphasis) for prompt in prompts]
+    encoded = encode_many(tokenizer, encoder, prompts, emphasis=emphasis)
     hiddens = [hidden for hidden, _ in encoded]
     if len({hidden.shape[0] for hidden in hiddens}) > 1:
         hiddens = pad_chunks(hiddens, encode_prompt_chunks(tokenizer, encoder, "")[0])

@@ -23,6 +23,7 @@ class TextConditioner(Conditioner):
     Options = TextOptions
 
     def condition(self, items, options, model, state) -> None:
+        encode_together(model, items, options)
         pairs = [equal_length(model, prompt_conditioning(model, item.prompt, opt),
                               prompt_conditioning(model, item.negative_prompt, opt), opt)
                  for item, opt in zip(items, options)]
@@ -38,10 +39,25 @@ class TextConditioner(Conditioner):
         return (("clip_skip",) if options.clip_skip > 1 else ()) + (("t5",) if options.t5_tokens else ())
 
 
+def encode_together(model, items, options) -> None:
+    """Encode the batch's prompts and negative prompts in one call per set of options (a GPU puts
+    them through its text encoders together); what follows reads them from the model's cache."""
+    texts: dict = {}
+    for item, opt in zip(items, options):
+        texts.setdefault(_settings(opt), []).extend((item.prompt, item.negative_prompt))
+    for settings, group in texts.items():
+        model.encode_prompts(list(dict.fromkeys(group)), **dict(settings))
+
+
+def _settings(options) -> tuple:
+    """The encoding options of a text conditioner's options, as ``Model.encode_prompt`` takes them."""
+    extra = (("t5_tokens", options.t5_tokens),) if getattr(options, "t5_tokens", 0) else ()
+    return (("clip_skip", options.clip_skip), *extra)
+
+
 def prompt_conditioning(model, text: str, options) -> dict:
     """One prompt's conditioning (name -> tensor), cached per model."""
-    extra = {"t5_tokens": options.t5_tokens} if getattr(options, "t5_tokens", 0) else {}
-    return model.encode_prompt(text, clip_skip=options.clip_skip, **extra)
+    return model.encode_prompt(text, **dict(_settings(options)))
 
 
 def equal_length(model, prompt: dict, negative: dict, options) -> tuple[dict, dict]:

@@ -454,6 +454,14 @@ class Family:
         """The conditioning of one prompt: name -> tensor without a batch dimension."""
         raise NotImplementedError
 
+    def encode_prompts(self, model, texts: list, options: dict) -> list:
+        """The conditionings of several prompts, in order (what the text conditioner asks per batch).
+
+        The default encodes them one by one. A family overrides it to put them through its text
+        encoders together, as long as each prompt still gets exactly what ``encode_prompt`` gives
+        it (fixed-shape calls on a GPU), since conditionings are cached per prompt."""
+        return [self.encode_prompt(model, text, options) for text in texts]
+
     def latent_shape(self, model, width: int, height: int) -> tuple:
         """(channels, height, width) of an item's initial noise, as the family's pipeline draws it."""
         factor = model.vae_scale_factor

@@ -149,8 +149,8 @@ class JobSpec:
     threads: int | None = field(default=None, metadata=_m(
         min=1, max=1024, help="CPU threads per renderer; CPU pixels depend on it, so every worker uses the same"))
     batch_invariant: bool = field(default=True, metadata=_m(
-        help="CPU: kernels that give an item the same pixels in any batch; false: PyTorch's default ones, "
-             "faster at larger batches, whose pixels change by a level with batch size and on resume"))
+        help="CPU: kernels that give an item the same pixels in any batch (about 1% slower); false: "
+             "PyTorch's default ones, whose pixels can change by a level with batch size and on resume"))
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = field(default=0, metadata=_m(min=0, max=MAX_SEED))

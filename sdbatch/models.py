@@ -61,19 +61,30 @@ class Model:
 
     def encode_prompt(self, text: str, **options):
         """The family's conditioning of one prompt (name -> tensor), cached per model and options."""
-        cache = self.extra.setdefault("prompt_cache", OrderedDict())
-        key = (self.cache_key, text, json.dumps(options, sort_keys=True))
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        import torch
+        return self.encode_prompts([text], **options)[0]
 
-        with torch.inference_mode():
-            encoded = self.family.encode_prompt(self, text, options)
-        cache[key] = encoded
+    def encode_prompts(self, texts, **options) -> list:
+        """The conditionings of several prompts, cached per model, prompt and options; the ones not
+        cached go to the family in one ``encode_prompts`` call (a GPU encodes them together)."""
+        cache = self.extra.setdefault("prompt_cache", OrderedDict())
+        settings = json.dumps(options, sort_keys=True)
+        keys = [(self.cache_key, text, settings) for text in texts]
+        missing = list(dict.fromkeys(key[1] for key in keys if key not in cache))
+        if missing:
+            import torch
+
+            with torch.inference_mode():
+                encoded = self.family.encode_prompts(self, missing, options)
+            fresh = dict(zip(missing, encoded))
+        else:
+            fresh = {}
+        results = [fresh[key[1]] if key[1] in fresh else cache[key] for key in keys]
+        for key, result in zip(keys, results):
+            cache[key] = result
+            cache.move_to_end(key)
         while len(cache) > PROMPT_CACHE_LIMIT:
             cache.popitem(last=False)
-        return encoded
+        return results
 
 
 def resolve_device(device: str) -> str:

@@ -143,7 +143,13 @@ def _invariant_classes():
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 if _gemm_conv_fits(self) and x.dim() == 4:
-                    return onednn_conv2d(self, x) if onednn_fits(x) else invariant_conv2d(self, x)
+                    # torch.compile cannot trace the direct call: the GEMMs compile (and stay row-independent)
+                    if onednn_fits(x) and not torch.compiler.is_compiling():
+                        try:
+                            return onednn_conv2d(self, x)
+                        except NotImplementedError:  # forward-mode AD (torch.func.jvp) has no oneDNN formula
+                            pass
+                    return invariant_conv2d(self, x)
                 with row_independent_kernels("cpu"):
                     return super().forward(x)
 

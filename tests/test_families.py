@@ -589,3 +589,45 @@ def test_flux_images_record_distilled_guidance_as_forge_does(write_job, registry
     plain = load_job(write_job("prompt: x\nguidance: 5\n", "plain.yaml"), registry)  # sdbatch-tiny: real CFG
     fields = a1111_fields(plain.plan.item_at(0), "abc", "0.1", plain.plugins)
     assert fields["CFG scale"] == "5" and "Distilled CFG Scale" not in fields
+
+
+@pytest.mark.parametrize("family_model", ["sd1", "sdxl"], indirect=True)
+def test_a_batch_s_prompts_go_through_the_encoders_together_and_keep_their_pixels(family_model, write_job, registry,
+                                                                                  monkeypatch):
+    # The GPU path on the CPU: prompts are encoded in one call per batch, in calls of exactly 4 chunks;
+    # each item's pixels are those it gets rendered alone, and cached prompts are not encoded again.
+    from sdbatch_plugins import prompts
+
+    family, folder = family_model
+    monkeypatch.setattr(prompts, "rows_per_call", lambda device: 4)
+    encode, calls = prompts.clip_encoder, []
+
+    def counted(*args, **kwargs):
+        encoder = encode(*args, **kwargs)
+        return lambda ids: (calls.append(tuple(ids.shape)), encoder(ids))[1]
+
+    monkeypatch.setattr(prompts, "clip_encoder", counted)
+    long_prompt = "a red circle" + ", on a blue background" * 20  # two chunks
+    job = load_job(write_job(f"""
+        model: {folder}
+        negative_prompt: "blurry"
+        sampler: Euler
+        steps: 2
+        width: 64
+        height: 64
+        seed: 3
+        sweep:
+          prompt: ["a red circle on blue background", "(a green:1.3) square", "{long_prompt}", "a [yellow] triangle"]
+    """, f"{family}-prompts.yaml"), registry)
+    items = list(job.plan)
+    together = [np.asarray(r.image) for r in Renderer(registry, "cpu", "float32", job.plan.models).render(items)]
+    encoders = 1 if family == "sd1" else 2
+    assert set(calls) == {(4, 77)}
+    assert len(calls) <= 3 * encoders, calls  # 6 chunks in two calls per encoder, "" padding the long prompt's negative
+    for item, pixels in zip(items, together):
+        calls.clear()
+        renderer = Renderer(registry, "cpu", "float32", job.plan.models)  # a fresh prompt cache
+        assert np.array_equal(np.asarray(renderer.render([item])[0].image), pixels)
+        calls.clear()
+        renderer.render([item])
+        assert calls == []  # the model's cache answered

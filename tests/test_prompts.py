@@ -432,3 +432,28 @@ def test_the_prompt_modules_import_no_torch():
     code = ("import sys, sdbatch_plugins.prompts, sdbatch_plugins.networks; "
             "assert not {'torch', 'diffusers', 'transformers'} & set(sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_prompts_encoded_together_in_fixed_shape_calls_get_their_own_states(tiny_pipe):
+    # The GPU path (rows_per_call): every call has exactly `group` chunks, the last padded, so a
+    # prompt's states are the same whichever prompts share its calls, and a batch costs few calls.
+    import torch
+
+    from sdbatch_plugins.prompts import clip_encoder, encode_many, encode_prompt_chunks
+
+    encode = clip_encoder(tiny_pipe.text_encoder)
+    shapes = []
+
+    def counted(ids):
+        shapes.append(tuple(ids.shape))
+        return encode(ids)
+
+    prompts = [FILLER, "(blurry:1.3) BREAK lowres", "a [yellow] triangle", "blurry"]  # 3 + 2 + 1 + 1 chunks
+    together = encode_many(tiny_pipe.tokenizer, counted, prompts, group=4)
+    assert shapes == [(4, 77), (4, 77)]  # 7 chunks in two calls
+    for index, prompt in enumerate(prompts):
+        others = encode_many(tiny_pipe.tokenizer, encode, [prompts[-1 - index], prompt, "red"], group=4)[1]
+        alone = encode_prompt_chunks(tiny_pipe.tokenizer, encode, prompt, group=4)
+        assert torch.equal(together[index][0], alone[0]) and torch.equal(others[0], alone[0])
+        # and the same states as one call per prompt (the CPU path), to the last bits of float32
+        assert torch.allclose(alone[0], encode_prompt_chunks(tiny_pipe.tokenizer, encode, prompt)[0], atol=1e-5)

@@ -73,11 +73,10 @@ def test_shipped_model_pixels_do_not_depend_on_batch_size(renders, size):
 
 
 def test_batch_invariant_false_trades_the_last_bits_for_default_kernels(renders):
-    # `batch_invariant: false` keeps PyTorch's kernels (oneDNN, NNPACK at 16 U-Net rows):
-    # the same pictures to a level or two, but not the same bytes as the items alone.
+    # `batch_invariant: false` keeps PyTorch's kernels (its convolution dispatch by batch size, MKL's
+    # few-row GEMMs): the same pictures to a level or two. Since convolutions call oneDNN directly
+    # (sdbatch.rows) the two paths run nearly the same kernels, so the bytes often agree too.
     alone, batched = renders
-    differ = [row for row, image in enumerate(batched["fast"]) if not np.array_equal(image, alone[row])]
-    assert differ
     assert max(np.abs(image.astype(int) - alone[row]).max() for row, image in enumerate(batched["fast"])) <= 3
 
 
