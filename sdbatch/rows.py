@@ -7,16 +7,18 @@ size among its own im2col kernel (one small image, 1x1 kernels on one thread), o
 and NNPACK (16 images and up, i.e. batch 8 with CFG).
 
 The swap below makes every Linear one GEMM whose row count is padded to a multiple of
-``ROW_BLOCK``, so each row's sums run in the same order whatever the batch, and every
-plain Conv2d one direct oneDNN call: oneDNN's forward convolution loops over images
-outside its reduction, so an image gets the same bits at any batch size, position or
-thread count (``tests/test_rows.py`` checks it on the machine that runs the suite); it
-is PyTorch's dispatch, not oneDNN, that changed with the batch. Without oneDNN (or for
-dtypes it does not take) a convolution is im2col and one row-independent GEMM. The rest
-of a denoiser is row-independent as PyTorch implements it: GroupNorm and LayerNorm
-reduce per row, ``scaled_dot_product_attention`` splits work by sequence length and per
-(batch, head), the scheduler step is elementwise. Public API for plugins that load extra
-networks (ControlNets, adapters); torch is imported only when a helper is called.
+``ROW_BLOCK``, so each row's sums run in the same order whatever the batch, and calls every
+plain Conv2d's kernel directly, chosen by the layer alone: oneDNN, whose forward
+convolution loops over images outside its reduction, so an image gets the same bits at any
+batch size, position or thread count; for pointwise (1x1) layers PyTorch's own kernel, one
+GEMM per image of one shape, which is faster there. ``tests/test_rows.py`` checks both
+premises on the machine that runs the suite; it was PyTorch's dispatch, not the kernels,
+that changed with the batch. Without oneDNN (or for dtypes it does not take) a
+convolution is im2col and one row-independent GEMM. The rest of a denoiser is
+row-independent as PyTorch implements it: GroupNorm and LayerNorm reduce per row,
+``scaled_dot_product_attention`` splits work by sequence length and per (batch, head), the
+scheduler step is elementwise. Public API for plugins that load extra networks
+(ControlNets, adapters); torch is imported only when a helper is called.
 """
 
 from __future__ import annotations
@@ -51,15 +53,19 @@ def invariant_linear(x, weight, bias=None):
     return rows_matmul(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-def onednn_conv2d(conv, x):
-    """A Conv2d as one direct oneDNN call, bypassing PyTorch's choice of kernel by batch size.
+def direct_conv2d(conv, x):
+    """A Conv2d through a kernel chosen by the layer alone, never by the batch size.
 
-    The input takes the weight's memory format, so the kernel oneDNN runs depends on the
-    layer (and the model's ``channels_last`` option) only, never on how the batch arrived.
+    Pointwise (1x1, stride 1) convolutions run PyTorch's own kernel, one GEMM per image of
+    one shape (faster than oneDNN for them); the others call oneDNN directly. For oneDNN the
+    input takes the weight's memory format, so the kernel depends on the layer (and the
+    model's ``channels_last`` option) only, never on how the batch arrived.
     """
     import torch
 
     weight = conv.weight
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0):
+        return torch.ops.aten.thnn_conv2d(x.contiguous(), weight.contiguous(), [1, 1], conv.bias)
     channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return torch.mkldnn_convolution(x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
@@ -137,7 +143,7 @@ def _invariant_classes():
                 return invariant_linear(x, self.weight, self.bias)
 
         class RowIndependentConv2d(torch.nn.Conv2d):
-            """Conv2d as one direct oneDNN call (or im2col + one GEMM without oneDNN);
+            """Conv2d through `direct_conv2d` (or im2col + one GEMM without oneDNN);
             unusual convolutions (groups, dilation) run PyTorch's per-image kernel with
             oneDNN and NNPACK off."""
 
@@ -146,7 +152,7 @@ def _invariant_classes():
                     # torch.compile cannot trace the direct call: the GEMMs compile (and stay row-independent)
                     if onednn_fits(x) and not torch.compiler.is_compiling():
                         try:
-                            return onednn_conv2d(self, x)
+                            return direct_conv2d(self, x)
                         except NotImplementedError:  # forward-mode AD (torch.func.jvp) has no oneDNN formula
                             pass
                     return invariant_conv2d(self, x)

@@ -97,15 +97,18 @@ def test_swap_is_generic_and_leaves_subclasses_and_other_convs_alone():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("channels, size", [(4, 16), (32, 16), (64, 8), (128, 4), (320, 8)])
-def test_onednn_gives_each_image_its_own_bits_at_any_batch_size_position_and_thread_count(channels, size, threads):
-    # The premise of the oneDNN path, checked on the machine that runs the suite: the same image
-    # at the start or the end of batches of 1 to 24 images gets the bits it gets alone.
+def test_direct_kernels_give_each_image_its_own_bits_at_any_batch_size_position_and_thread_count(channels, size,
+                                                                                                 kernel, threads):
+    # The premise of the direct path, checked on the machine that runs the suite: the same image
+    # at the start or the end of batches of 1 to 24 images gets the bits it gets alone (3x3:
+    # oneDNN; 1x1: PyTorch's per-image GEMM).
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")
     torch.set_num_threads(threads)
     torch.manual_seed(channels)
-    layer = torch.nn.Conv2d(channels, 64, 3, padding=1)
+    layer = torch.nn.Conv2d(channels, 64, kernel, padding=kernel // 2)
     rows.make_rows_independent(layer)
     pool = torch.randn(24, channels, size, size)
     with torch.inference_mode():
