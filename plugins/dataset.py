@@ -204,7 +204,9 @@ class WebDatasetWriter(Writer):
         if shard in self.finished:
             return []
         image = _encode(result.image, self.options)
-        record = {**item.to_json(), "model_hash": result.model_hash, "shard": shard}
+        # width and height are the picture's (a hires item's second pass is larger than the item's size)
+        width, height = result.image.size
+        record = {**item.to_json(), "width": width, "height": height, "model_hash": result.model_hash, "shard": shard}
         files = self._stage(item.index, item.id, json.dumps(record).encode(), image, self.options.format)
         if self._shard_staged(shard) and self._claim(shard):
             try:  # re-checked under the claim: another packer may have finished this shard meanwhile

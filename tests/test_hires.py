@@ -125,6 +125,18 @@ def test_a1111_fields_are_written_and_sd_parsers_reads_them(write_job, registry,
     assert "Hires upscale" in flat and "Latent" in flat
 
 
+def test_a_dataset_records_the_final_size(write_job, registry, tmp_path):
+    import pyarrow.parquet as pq
+
+    from sdbatch.cli import main
+
+    path = _job(write_job, "hires: {scale: 1.5, steps: 2, denoise: 0.3}", "seed: 5\noutputs: [webdataset]")
+    assert main(["run", str(path), "-o", str(tmp_path / "out"), "-q"]) == 0
+    (parquet,) = (tmp_path / "out").rglob("*.parquet")
+    row = pq.read_table(parquet).to_pylist()[0]
+    assert (row["width"], row["height"]) == (96, 96)  # the picture's, not the first pass's 64x64
+
+
 def test_hires_errors_point_at_their_line(write_job, registry):
     path = write_job(f"""
         prompt: "{SCENE}"
