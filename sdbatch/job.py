@@ -118,7 +118,8 @@ class SpeedSpec:
         model_ref=True, help="decode with this AutoencoderTiny (TAESD: madebyollin/taesd, taesdxl, taesd3, taef1; "
                              "a folder or hub id): much faster, lower fidelity"))
     decode_batch: int = field(default=0, metadata=_m(min=0, max=256, help="CUDA: rows per VAE decode call "
-                                                                          "(0: as many as fit in free memory)"))
+                                                                          "(0: as many as fit in a quarter of "
+                                                                          "the GPU's memory)"))
 
 
 @dataclass

@@ -327,7 +327,9 @@ def apply_speed_options(model: Model) -> None:
 
 def decode_rows(model: Model, shape) -> int:
     """Rows per VAE decode call: one on the CPU (rows stay independent, and memory flat); on a GPU the
-    job's ``speed.decode_batch``, else as many as fit in 60% of free memory (``memory.vae_slicing``: one)."""
+    job's ``speed.decode_batch``, else as many as fit in a quarter of the GPU's memory (``memory.vae_slicing``:
+    one). The GPU's total memory, not what is free now, so a re-run or a resume on the same kind of GPU
+    decodes in the same chunks, with the same kernels and so the same pixels."""
     rows = shape[0]
     if str(model.device) == "cpu" or model.info.memory.get("vae_slicing"):
         return 1
@@ -335,11 +337,11 @@ def decode_rows(model: Model, shape) -> int:
         return min(rows, model.info.memory["decode_batch"])
     if not torch.cuda.is_available() or not str(model.device).startswith("cuda"):
         return rows
-    free, _ = torch.cuda.mem_get_info(torch.device(model.device))
+    total = torch.cuda.get_device_properties(torch.device(model.device)).total_memory
     height, width = shape[-2] * model.vae_scale_factor, shape[-1] * model.vae_scale_factor
     # the decoder's peak: a few full-resolution activations of its widest full-size block (128 ch at SD scale)
     per_row = 6 * height * width * 128 * torch.finfo(model.dtype).bits // 8
-    return max(1, min(rows, int(0.6 * free) // per_row))
+    return max(1, min(rows, total // 4 // per_row))
 
 
 def pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:

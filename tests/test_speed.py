@@ -125,6 +125,19 @@ def test_decode_rows_policy():
     assert decode_rows(model("cuda:0", decode_batch=4, vae_slicing=True), shape) == 1
 
 
+@pytest.mark.parametrize("total_gib, rows", [(80, 8), (24, 8), (8, 5), (1, 1)])
+def test_the_gpu_decode_chunk_follows_the_gpus_total_memory_not_what_is_free(monkeypatch, total_gib, rows):
+    # A 512x512 float16 row takes about 0.4 GB at the decoder's peak: a quarter of the GPU holds this many.
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=total_gib << 30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: pytest.fail("free memory changes between runs"))
+    model = SimpleNamespace(device="cuda:0", info=SimpleNamespace(memory={}), vae_scale_factor=8, dtype=torch.float16)
+    assert decode_rows(model, (8, 4, 64, 64)) == rows
+
+
 def test_a_missing_tiny_vae_stops_at_its_line(registry, write_job, tmp_path):
     path = write_job(BASE + f"speed:\n  tiny_vae: {tmp_path / 'nowhere'}\n")
     with pytest.raises(JobError) as error:
