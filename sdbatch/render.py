@@ -53,7 +53,9 @@ class Renderer:
     def model_for(self, item: Item) -> Model:
         model = self.cache.get(self.model_infos[item.model], self.device, self.dtype)
         if self.batch_invariant and str(model.device) == "cpu" and not model.extra.get("batch_invariant"):
-            make_rows_independent(model.denoiser)
+            for part in ("unet", "transformer", "vae", "decoder"):  # the VAE for its kernels' speed: it goes row by row
+                if model.components.get(part) is not None:
+                    make_rows_independent(model.components[part])
             model.extra["batch_invariant"] = True
         if not model.extra.get("speed_applied"):
             apply_speed_options(model)
