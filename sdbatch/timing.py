@@ -48,7 +48,7 @@ from .output import atomic_write
 
 TIMING_FILE = "timing.json"
 FIRST = (0.0, 0.5, 1.0)  # probe positions before refining
-BUDGET = 0.19  # probes per segment beyond t = 0, as a fraction of its frames (at least 2)
+BUDGET = 0.27  # probes per segment beyond t = 0, as a fraction of its frames (at least 2)
 TOLERANCE = 1.5  # an interval holding more than this many frames' share of the change is bisected
 MIN_WIDTH = 1 / 1024  # in t: a jump narrower than this is a cut, not worth more probes
 DISTANCE_SIDE = 64
@@ -141,34 +141,40 @@ class _Group:
         self.budget = sum(probes.budget for probes in members)
         self.rounds = 0
 
-    def refine(self, room: int) -> bool:
-        """Choose up to ``room`` new positions for the next round; False when even or out of budget.
+    def refine(self) -> bool:
+        """Choose the positions of the next round; False when even or out of budget.
 
-        Greedy bisection on estimates: the interval that changes most is halved (each half taken to hold
-        half its change) while it holds over TOLERANCE frames' share of the group's change. The first
-        round after t = 0, 1/2, 1 spends half the budget left, the next the rest: rounds fill batches
-        (a probe rendered two to a batch costs nearly twice one rendered eight to a batch), yet the
-        second round sees where the first found the change.
+        An interval is uneven while it holds over TOLERANCE frames' share of the group's change. The first
+        round after t = 0, 1/2, 1 spends half the budget left descending on estimates: the interval that
+        changes most is halved (each half taken to hold half its change), again and again, so it can
+        reach into a snap it only knows the size of. Later rounds halve the uneven intervals that measured
+        most, one probe each: their picks are final (no round after sees them), so they go to the largest
+        measured changes rather than to estimates. Rounds fill batches (a probe rendered alone costs about
+        twice one rendered eight to a batch), yet the second round sees where the first found the change.
         """
         intervals = []
         for probes in self.members:
             intervals += [(c, a, b, probes) for c, a, b in zip(probes.changes(), probes.ts, probes.ts[1:])]
         share = sum(c for c, *_ in intervals) / self.frames
         left = self.budget - sum(len(probes.ts) for probes in self.members)
-        wanted = min(room, left if self.rounds else math.ceil(left / 2))
+        first = self.rounds == 0
+        wanted = math.ceil(left / 2) if first else left
         self.rounds += 1
-        added = 0
-        while added < wanted:
-            uneven = [i for i in intervals if i[0] > TOLERANCE * share and i[2] - i[1] > MIN_WIDTH]
-            if not uneven:
-                break
-            change, a, b, probes = max(uneven, key=lambda i: (i[0], i[1], i[3].segment.first))
-            intervals.remove((change, a, b, probes))
-            middle = (a + b) / 2
-            intervals += [(change / 2, a, middle, probes), (change / 2, middle, b, probes)]
-            probes.ts = sorted(probes.ts + [middle])
-            added += 1
-        return added > 0
+        uneven = [i for i in intervals if i[0] > TOLERANCE * share and i[2] - i[1] > MIN_WIDTH]
+        if first:  # descend: the largest (estimated) change first, of equals the later interval
+            chosen = []
+            while len(chosen) < wanted and uneven:
+                change, a, b, probes = max(uneven, key=lambda i: (i[0], i[1], i[3].segment.first))
+                uneven.remove((change, a, b, probes))
+                chosen.append((change, a, b, probes))
+                middle = (a + b) / 2
+                uneven += [h for h in ((change / 2, a, middle, probes), (change / 2, middle, b, probes))
+                           if h[0] > TOLERANCE * share and h[2] - h[1] > MIN_WIDTH]
+        else:  # the largest measured changes, of equals the earlier interval
+            chosen = sorted(uneven, key=lambda i: (-i[0], i[1], i[3].segment.first))[:wanted]
+        for _, a, b, probes in chosen:
+            probes.ts = sorted(probes.ts + [(a + b) / 2])
+        return bool(chosen)
 
 
 def _measure(groups: list, render, batch_size: int) -> None:
@@ -182,8 +188,7 @@ def _measure(groups: list, render, batch_size: int) -> None:
             raise SdbatchError("the timing pre-pass failed to render some probes; see failures above")
         for (probes, t), result in zip(wanted, results):
             probes.pictures[t] = downscaled(result.image)
-        room = max(1, batch_size // len(active))  # the next round's share of a batch per group
-        active = [group for group in active if group.refine(room)]
+        active = [group for group in active if group.refine()]
 
 
 def downscaled(image):

@@ -345,7 +345,7 @@ class _Picture:
 
 def test_the_pre_pass_bisects_where_the_picture_changes_and_evens_the_frames(write_job, tiny_model, registry,
                                                                               tmp_path, capsys):
-    from sdbatch.timing import TIMING_FILE, load_timing, measure_timing
+    from sdbatch.timing import BUDGET, TIMING_FILE, load_timing, measure_timing
 
     path = write_job(f"""
         model: {tiny_model}
@@ -364,7 +364,7 @@ def test_the_pre_pass_bisects_where_the_picture_changes_and_evens_the_frames(wri
     report = measure_timing(job.plan, tmp_path, render, len(job.plan), batch_size=4)
     assert report["segments_measured"] == 1 and (tmp_path / TIMING_FILE).is_file()
     assert all(item.steps == 3 and item.width == 64 for item in rendered)  # probes are faithful: the frames' settings
-    assert len(rendered) <= 9  # the budget: a fifth of the frames (plus t = 0)
+    assert len(rendered) == int(BUDGET * 40) + 1  # the budget: about a quarter of the frames (plus t = 0)
     curve = next(iter(job.plan.timeline.curves.values()))
     ts = curve["t"]
     assert len([t for t in ts if 0.5 < t < 0.75]) >= 3 > len([t for t in ts if t < 0.5])  # bisected at the snap
@@ -564,6 +564,17 @@ def test_spread_video_moves_keyframes_with_the_measured_change(write_job, tiny_m
     capsys.readouterr()
     assert main(["plan", str(path), "-o", str(tmp_path)]) == 0
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [f.id for f in frames]
+
+
+def test_probes_do_not_depend_on_the_batch_size(write_job, tiny_model, registry, tmp_path):
+    from sdbatch.timing import measure_timing
+
+    curves = []
+    for batch_size in (1, 3, 8):
+        job = load_job(_spread_job(write_job, tiny_model), registry)
+        measure_timing(job.plan, tmp_path / str(batch_size), _fake_render([]), len(job.plan), batch_size)
+        curves.append({key: (curve["t"], curve["raw"]) for key, curve in job.plan.timeline.curves.items()})
+    assert curves[0] == curves[1] == curves[2]  # rounds are sized by the group's budget, not by batches
 
 
 def test_spread_and_pin_validation_point_at_their_yaml_lines(write_job, tiny_model, registry):
