@@ -5,15 +5,22 @@ other axes) it renders *probes*: the segment's start frame moved to interpolatio
 positions t. Segments that share frames are measured as a group: each segment alone,
 or with ``spread: video`` those between keyframes that stay (animation.Timeline.groups),
 so probes go where the group's change, and so its frames, will be. Probing starts at
-t = 0, 1/2 and 1 in every segment; then the interval that changes most in the group is
-bisected while it holds more than TOLERANCE frames' share of the group's change and the
-budget (per segment about a fifth of its frames, at least 3 probes) lasts. A round bisects several
-intervals (halving its estimate of an interval's change each time): the first round
-after t = 0, 1/2, 1 spends half the budget left, the next the rest, in batches shared
-by all groups. On the CPU a probe rendered two to a batch costs nearly twice one
-rendered eight to a batch (3.4 s against 1.9 s at 20 steps), so one probe per segment
-per round, as before, made the example's pre-pass four small rounds; a single round
-after the first would not see where a snap hides inside the interval it halves.
+t = 0, 1/2 and 1 in every segment; then intervals are bisected while they hold more than
+TOLERANCE frames' share of the group's change and the budget lasts (per segment
+int(BUDGET x frames) + 1 probes, at least 3: 7 for 24 frames, 14 for the example's two
+segments). The first round after t = 0, 1/2, 1 spends half the budget left descending on
+estimates (the interval that changes most is halved, each half taken to hold half its
+change, again and again), the second the rest on the intervals that measured most, one
+probe each. Rounds are sized by the group's budget alone and share batches across groups.
+
+Cost. On the CPU a probe costs about 0.23 s per picture plus 0.45 s per batch (20 steps,
+sdbatch-tiny, one thread), the same as a frame: the pre-pass's three batches of 6, 4 and
+4 probes come to (3 x 0.45 + 14 x 0.23) / (7 x 0.45 + 49 x 0.23) = 0.32 of the example's
+49 frames in batches of 8 by that model, and measure 0.24 to 0.33 (0.30 pooled over four
+runs; bench/bench_animation.py --repeat 4). The rounds are the price of seeing where the
+change is: one round of 8 after t = 0, 1/2, 1 (two batches) descends on estimates only,
+misses the example's snap and leaves it at 3.17; four rounds (6, 4, 2, 2) measured 0.30 to 0.38.
+
 The cumulative change, normalised to 0..1, and the raw changes are saved in the output
 folder's ``timing.json`` under the segment's content key (with the group's when it has
 several). The plan then places frame i of n at the t where a fraction ease(i/n) of the
@@ -21,11 +28,22 @@ change has happened (animation.position_for), and with ``spread: video`` gives e
 segment frames in proportion to its total change, so frames are ordinary items and a
 resumed, re-batched or Ray run plans exactly the same ones.
 
-Probes render with the frames' own steps and size, at a subset of positions. Cheaper
-probes were measured and are not faithful: with 5 of the example's 20 DDIM steps the
+Probes render with the frames' own steps and size, at a subset of positions, with the
+schedule values of the segment's start frame (the frames' own are not known before the
+curve is; in the example one unit of guidance moves its snap by about 1/1024 of t).
+Cheaper probes were measured and are not faithful: with 5 of the example's 20 DDIM steps the
 change along its first segment is flat (2.3 to 4.7 per sixteenth of t), while the real
 frames idle and then snap (0.05 to 6.8 per frame); lower resolution changes the noise
-and so the picture. A jump the full-step probes see is where the frames jump.
+and so the picture. The x0 the model predicts after the first k of the same 20 steps,
+decoded, is cheaper by (20 - k)/20 of the denoising: at k = 14 its change along the
+example's 24 -> 48 segment peaks at t 0.53 to 0.56 while the frames snap at 0.516 to
+0.531 (mean |RGB| 26 from the finished pictures), at k = 17 it follows them (8 away)
+but saves only 15%. A jump the full-step probes see is where the frames jump.
+
+The example's snap is narrow: at 1/1024 of t it changes 2.5, 2.9 and 2.0 around t = 0.52
+of the 24 -> 48 segment, about 3 frames' share within 0.004 of t. The probes bracket it
+between t = 1/2 and 9/16 (change 16.0 there), so about five frames fall across it and
+none takes it whole (largest step 7.9 against a median 3.07).
 
 Distance: mean absolute difference of the 0-255 RGB pixels of the probes, box-filtered
 down to at most 64 pixels a side. It is the quantity the smoothness report measures
