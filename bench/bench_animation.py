@@ -115,8 +115,9 @@ def main() -> None:
             run(args.job.resolve(), dict(runs[1][1]), root / f"video-repeat-{r}", clock)
             shares.append(clock.cpu["prepass"] / clock.cpu["render"])
             cpu = {phase: cpu[phase] + clock.cpu[phase] for phase in cpu}
+        pooled = cpu["prepass"] / cpu["render"]
         print(f"{'':22s} pre-pass / render, CPU, {args.repeat} more runs: {', '.join(f'{x:.2f}' for x in shares)}; "
-              f"pooled {cpu['prepass']:.1f} s / {cpu['render']:.1f} s = {cpu['prepass'] / cpu['render']:.2f}", flush=True)
+              f"pooled {cpu['prepass']:.1f} s / {cpu['render']:.1f} s = {pooled:.2f}", flush=True)
     ratio = figures["uniform"]["max_over_median"] / figures["video"]["max_over_median"]
     print(f"even timing spread over the video is {ratio:.1f}x smoother (max/median) than uniform; outputs in {root}")
 
