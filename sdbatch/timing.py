@@ -16,8 +16,9 @@ probe each. Rounds are sized by the group's budget alone and share batches acros
 Cost. On the CPU a probe costs about 0.23 s per picture plus 0.45 s per batch (20 steps,
 sdbatch-tiny, one thread), the same as a frame: the pre-pass's three batches of 6, 4 and
 4 probes come to (3 x 0.45 + 14 x 0.23) / (7 x 0.45 + 49 x 0.23) = 0.32 of the example's
-49 frames in batches of 8 by that model, and measure 0.24 to 0.33 (0.30 pooled over four
-runs; bench/bench_animation.py --repeat 4). The rounds are the price of seeing where the
+49 frames in batches of 8 by that model, and measure 0.24 to 0.37 (0.30 and 0.31 pooled
+over two sets of four runs; bench/bench_animation.py --repeat 4): about the issue's
+limit of 0.30, not provably under it. The rounds are the price of seeing where the
 change is: one round of 8 after t = 0, 1/2, 1 (two batches) descends on estimates only,
 misses the example's snap and leaves it at 3.17; four rounds (6, 4, 2, 2) measured 0.30 to 0.38.
 
