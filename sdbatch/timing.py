@@ -168,8 +168,8 @@ class _Group:
         changes most is halved (each half taken to hold half its change), again and again, so it can
         reach into a snap it only knows the size of. Later rounds halve the uneven intervals that measured
         most, one probe each: their picks are final (no round after sees them), so they go to the largest
-        measured changes rather than to estimates. Rounds fill batches (a probe rendered alone costs about
-        twice one rendered eight to a batch), yet the second round sees where the first found the change.
+        measured changes rather than to estimates. A round's size follows the group's budget alone, never
+        the batch size or the other groups, so the probes (and the frames) do not depend on them either.
         """
         intervals = []
         for probes in self.members:
@@ -197,7 +197,7 @@ class _Group:
 
 
 def _measure(groups: list, render, batch_size: int) -> None:
-    """Render rounds of probes for all groups together (full batches), refining until even."""
+    """Render rounds of probes for all groups together (in batches of ``batch_size``), refining until even."""
     active = list(groups)
     while active:
         wanted = [(probes, t) for group in active for probes in group.members for t in probes.missing()]
