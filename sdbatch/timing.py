@@ -26,8 +26,8 @@ descends on estimates only and leaves the example at 3.17. Which probes a budget
 small affords decides where a snap falls: with 12 probes split 6, 3, 3 the example
 measures 3.30, with 6, 1, 5 3.09, with 6, 2, 4 (these rounds) 2.87.
 On the test suite's four animations (6 steps) these rounds measure 2.89, 3.60, 3.69 and
-3.93, 6, 4, 4 measures 2.15, 5.60, 2.68 and 3.52: at a budget the cost limit allows, the
-target of 3 is met on the example and one of the four, not in general.
+3.93, rounds of 6, 4 and 4 measure 2.15, 5.60, 2.68 and 3.52: at a budget the cost limit
+allows, the target of 3 is met on the example and one of the four, not in general.
 
 The cumulative change, normalised to 0..1, and the raw changes are saved in the output
 folder's ``timing.json`` under the segment's content key (with the group's when it has
