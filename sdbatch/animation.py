@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .latents import easing as easing_by_name
 
-TIMING_VERSION = 1  # part of every segment key: a change of the pre-pass re-measures
+TIMING_VERSION = 2  # part of every segment key: a change of the pre-pass re-measures
 POSITION_DIGITS = 6  # t is rounded so ids never depend on the last bits of a float
 
 

@@ -5,15 +5,30 @@ other axes) it renders *probes*: the segment's start frame moved to interpolatio
 positions t. Segments that share frames are measured as a group: each segment alone,
 or with ``spread: video`` those between keyframes that stay (animation.Timeline.groups),
 so probes go where the group's change, and so its frames, will be. Probing starts at
-t = 0, 1/2 and 1 in every segment; then the interval that changes most in the group is
-bisected while it holds more than TOLERANCE frames' share of the group's change and the
-budget (per segment about a fifth of its frames, at least 3 probes) lasts. A round bisects several
-intervals (halving its estimate of an interval's change each time): the first round
-after t = 0, 1/2, 1 spends half the budget left, the next the rest, in batches shared
-by all groups. On the CPU a probe rendered two to a batch costs nearly twice one
-rendered eight to a batch (3.4 s against 1.9 s at 20 steps), so one probe per segment
-per round, as before, made the example's pre-pass four small rounds; a single round
-after the first would not see where a snap hides inside the interval it halves.
+t = 0, 1/2 and 1 in every segment; then intervals are bisected while they hold more than
+TOLERANCE frames' share of the group's change and the budget lasts (per segment
+int(BUDGET x frames) + 1 probes, at least 3: 6 for 24 frames, 12 for the example's two
+segments). The first round after t = 0, 1/2, 1 spends a third of the budget left
+descending on estimates (the interval that changes most is halved, each half taken to
+hold half its change, again and again), the second the rest on the intervals that
+measured most, one probe each. Rounds are sized by the group's budget alone and share
+batches across groups.
+
+Cost. On the CPU a probe costs about 0.23 s per picture plus 0.45 s per batch (20 steps,
+sdbatch-tiny, one thread), the same as a frame: the pre-pass's three batches of 6, 2 and
+4 probes come to (3 x 0.45 + 12 x 0.23) / (7 x 0.45 + 49 x 0.23) = 0.29 of the example's
+49 frames in batches of 8 by that model, and measure 0.22 to 0.28 (0.26 pooled over four
+runs of bench/bench_animation.py --repeat 4).
+Each round is a batch, so rounds cost: 14 probes in rounds of 6, 4 and 4 measured 0.24 to
+0.37 (0.30 and 0.31 pooled over two sets of four runs), over the limit of 0.30; four
+rounds (6, 4, 2, 2) 0.30 to 0.38. One round of 8 after t = 0, 1/2, 1 (two batches)
+descends on estimates only and leaves the example at 3.17. Which probes a budget this
+small affords decides where a snap falls: with 12 probes split 6, 3, 3 the example
+measures 3.30, with 6, 1, 5 3.09, with 6, 2, 4 (these rounds) 2.87.
+On the test suite's four animations (6 steps) these rounds measure 2.89, 3.60, 3.69 and
+3.93, rounds of 6, 4 and 4 measure 2.15, 5.60, 2.68 and 3.52: at a budget the cost limit
+allows, the target of 3 is met on the example and one of the four, not in general.
+
 The cumulative change, normalised to 0..1, and the raw changes are saved in the output
 folder's ``timing.json`` under the segment's content key (with the group's when it has
 several). The plan then places frame i of n at the t where a fraction ease(i/n) of the
@@ -21,11 +36,24 @@ change has happened (animation.position_for), and with ``spread: video`` gives e
 segment frames in proportion to its total change, so frames are ordinary items and a
 resumed, re-batched or Ray run plans exactly the same ones.
 
-Probes render with the frames' own steps and size, at a subset of positions. Cheaper
-probes were measured and are not faithful: with 5 of the example's 20 DDIM steps the
+Probes render with the frames' own steps and size, at a subset of positions, with the
+schedule values of the segment's start frame (the frames' own are not known before the
+curve is; in the example one unit of guidance moves its snap by about 1/1024 of t).
+Cheaper probes were measured and are not faithful: with 5 of the example's 20 DDIM steps the
 change along its first segment is flat (2.3 to 4.7 per sixteenth of t), while the real
 frames idle and then snap (0.05 to 6.8 per frame); lower resolution changes the noise
-and so the picture. A jump the full-step probes see is where the frames jump.
+and so the picture. The x0 the model predicts after the first k of the same 20 steps,
+decoded, is cheaper by (20 - k)/20 of the denoising: at k = 14 its change along the
+example's 24 -> 48 segment peaks at t 0.53 to 0.56 while the frames snap at 0.516 to
+0.531 (mean |RGB| 26 from the finished pictures), at k = 17 it follows them (8 away)
+but saves only 15%. A jump the full-step probes see is where the frames jump.
+
+The example's snap is narrow: at 1/1024 of t it changes 2.5, 2.9 and 2.0 around t = 0.52
+of the 24 -> 48 segment, within 0.004 of t, narrower than two frames are apart. Its probes
+bracket it between t = 1/2 and 5/8 (change 28.3), so it still falls inside one step
+(frames at t 0.508 and 0.522: 8.6); evening out the rest of the video puts the median step
+at 3.01, so the largest is 2.87 times the median. Splitting the snap over frames takes
+probes 1/128 of t apart there, about four more rounds.
 
 Distance: mean absolute difference of the 0-255 RGB pixels of the probes, box-filtered
 down to at most 64 pixels a side. It is the quantity the smoothness report measures
@@ -48,7 +76,7 @@ from .output import atomic_write
 
 TIMING_FILE = "timing.json"
 FIRST = (0.0, 0.5, 1.0)  # probe positions before refining
-BUDGET = 0.19  # probes per segment beyond t = 0, as a fraction of its frames (at least 2)
+BUDGET = 0.23  # probes per segment beyond t = 0, as a fraction of its frames (at least 2)
 TOLERANCE = 1.5  # an interval holding more than this many frames' share of the change is bisected
 MIN_WIDTH = 1 / 1024  # in t: a jump narrower than this is a cut, not worth more probes
 DISTANCE_SIDE = 64
@@ -141,38 +169,44 @@ class _Group:
         self.budget = sum(probes.budget for probes in members)
         self.rounds = 0
 
-    def refine(self, room: int) -> bool:
-        """Choose up to ``room`` new positions for the next round; False when even or out of budget.
+    def refine(self) -> bool:
+        """Choose the positions of the next round; False when even or out of budget.
 
-        Greedy bisection on estimates: the interval that changes most is halved (each half taken to hold
-        half its change) while it holds over TOLERANCE frames' share of the group's change. The first
-        round after t = 0, 1/2, 1 spends half the budget left, the next the rest: rounds fill batches
-        (a probe rendered two to a batch costs nearly twice one rendered eight to a batch), yet the
-        second round sees where the first found the change.
+        An interval is uneven while it holds over TOLERANCE frames' share of the group's change. The first
+        round after t = 0, 1/2, 1 spends a third of the budget left descending on estimates: the interval that
+        changes most is halved (each half taken to hold half its change), again and again, so it can
+        reach into a snap it only knows the size of. Later rounds halve the uneven intervals that measured
+        most, one probe each: their picks are final (no round after sees them), so they go to the largest
+        measured changes rather than to estimates. A round's size follows the group's budget alone, never
+        the batch size or the other groups, so the probes (and the frames) do not depend on them either.
         """
         intervals = []
         for probes in self.members:
             intervals += [(c, a, b, probes) for c, a, b in zip(probes.changes(), probes.ts, probes.ts[1:])]
         share = sum(c for c, *_ in intervals) / self.frames
         left = self.budget - sum(len(probes.ts) for probes in self.members)
-        wanted = min(room, left if self.rounds else math.ceil(left / 2))
+        first = self.rounds == 0
+        wanted = math.ceil(left / 3) if first else left
         self.rounds += 1
-        added = 0
-        while added < wanted:
-            uneven = [i for i in intervals if i[0] > TOLERANCE * share and i[2] - i[1] > MIN_WIDTH]
-            if not uneven:
-                break
-            change, a, b, probes = max(uneven, key=lambda i: (i[0], i[1], i[3].segment.first))
-            intervals.remove((change, a, b, probes))
-            middle = (a + b) / 2
-            intervals += [(change / 2, a, middle, probes), (change / 2, middle, b, probes)]
-            probes.ts = sorted(probes.ts + [middle])
-            added += 1
-        return added > 0
+        uneven = [i for i in intervals if i[0] > TOLERANCE * share and i[2] - i[1] > MIN_WIDTH]
+        if first:  # descend: the largest (estimated) change first, of equals the later interval
+            chosen = []
+            while len(chosen) < wanted and uneven:
+                change, a, b, probes = max(uneven, key=lambda i: (i[0], i[1], i[3].segment.first))
+                uneven.remove((change, a, b, probes))
+                chosen.append((change, a, b, probes))
+                middle = (a + b) / 2
+                uneven += [h for h in ((change / 2, a, middle, probes), (change / 2, middle, b, probes))
+                           if h[0] > TOLERANCE * share and h[2] - h[1] > MIN_WIDTH]
+        else:  # the largest measured changes, of equals the earlier interval
+            chosen = sorted(uneven, key=lambda i: (-i[0], i[1], i[3].segment.first))[:wanted]
+        for _, a, b, probes in chosen:
+            probes.ts = sorted(probes.ts + [(a + b) / 2])
+        return bool(chosen)
 
 
 def _measure(groups: list, render, batch_size: int) -> None:
-    """Render rounds of probes for all groups together (full batches), refining until even."""
+    """Render rounds of probes for all groups together (in batches of ``batch_size``), refining until even."""
     active = list(groups)
     while active:
         wanted = [(probes, t) for group in active for probes in group.members for t in probes.missing()]
@@ -182,8 +216,7 @@ def _measure(groups: list, render, batch_size: int) -> None:
             raise SdbatchError("the timing pre-pass failed to render some probes; see failures above")
         for (probes, t), result in zip(wanted, results):
             probes.pictures[t] = downscaled(result.image)
-        room = max(1, batch_size // len(active))  # the next round's share of a batch per group
-        active = [group for group in active if group.refine(room)]
+        active = [group for group in active if group.refine()]
 
 
 def downscaled(image):
