@@ -9,7 +9,8 @@ writers' encoding and metadata, hashing, atomic writes, the manifest and WebData
 shard packing. Runs go one after another in this process.
 
 Default mode: for each format and size, the local executor with 1, 2 and all write
-threads, and the Ray executor with 1, 2 and all workers writing (one thread each).
+threads, then (Ray started only now: its daemons would take CPU from the local runs) the
+Ray executor with 1, 2 and all workers writing (one thread each).
 Local scaling is rate(n) / (n x rate(1)); the target is >= 0.8. cpu/wall (this process's
 CPU seconds per wall second) shows whether the threads did run at once: on a machine
 shared with other busy processes, scaling measures the cores left free, cpu/wall the GIL. Under Ray the driver's
@@ -153,25 +154,26 @@ def start_ray(cpus: int) -> None:
 def formats_table(args, work: Path) -> None:
     cores = default_threads()
     counts = sorted({1, 2, cores})
-    start_ray(cores)
     print(f"machine: {cores} cores usable; items per run: {args.items} at 512, a quarter at 1024, x8 for jpeg "
           "(it encodes ~10x faster)")
     print(f"{'format':11s} {'size':>5s} {'run':12s} {'images/s':>9s} {'scaling':>8s} {'driver ms/item':>15s} "
           f"{'cpu/wall':>8s}")
-    for size in args.sizes:
+    jobs, one = {}, {}
+    for size in args.sizes:  # local runs first: Ray's daemons, once started, take CPU from local threads
         for name in args.formats:
             items = max(8, args.items * (8 if name == "jpeg" else 1) // (4 if size > 512 else 1))
-            job = write_job(work, size, items, FORMATS[name])
-            one = None
+            job = jobs[name, size] = write_job(work, size, items, FORMATS[name])
             for threads in counts:
                 rate, busy = run_local(job, work / f"local-{name}-{size}-{threads}", size, threads)
-                one = one or rate
+                one[name, size] = one.get((name, size)) or rate
                 print(f"{name:11s} {size:5d} {'local x' + str(threads):12s} {rate:9.2f} "
-                      f"{rate / (threads * one):8.2f} {'':15s} {busy:8.2f}")
-            for workers in counts:
-                rate, cpu_ms = run_ray(job, work / f"ray-{name}-{size}-{workers}", size, workers)
-                print(f"{name:11s} {size:5d} {'ray x' + str(workers):12s} {rate:9.2f} {rate / (workers * one):8.2f} "
-                      f"{cpu_ms:15.2f}")
+                      f"{rate / (threads * one[name, size]):8.2f} {'':15s} {busy:8.2f}")
+    start_ray(cores)
+    for (name, size), job in jobs.items():
+        for workers in counts:
+            rate, cpu_ms = run_ray(job, work / f"ray-{name}-{size}-{workers}", size, workers)
+            print(f"{name:11s} {size:5d} {'ray x' + str(workers):12s} {rate:9.2f} "
+                  f"{rate / (workers * one[name, size]):8.2f} {cpu_ms:15.2f}")
     # At a few images/s the driver's CPU is mostly Ray's own background threads, not items:
     # its per-item cost shows at a rate high enough to need a cluster (tiny JPEGs, batch 16).
     job = write_job(work, 64, args.ceiling_items, FORMATS["jpeg"], batch=16)

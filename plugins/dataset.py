@@ -28,7 +28,7 @@ from typing import Literal
 
 from sdbatch import hookimpl
 from sdbatch.api import Writer
-from sdbatch.output import TEMP_MARK, fsync_folder
+from sdbatch.output import TEMP_MARK, fsync_folder, spooled
 
 STAGING = ".dataset-staging"
 
@@ -311,12 +311,9 @@ class WebDatasetWriter(Writer):
 
 
 def _encode(image, options) -> bytes:
-    buffer = io.BytesIO()
     if options.format == "png":
-        image.save(buffer, "PNG", compress_level=4)
-    else:
-        image.save(buffer, "JPEG" if options.format == "jpg" else "WEBP", quality=options.quality)
-    return buffer.getvalue()
+        return spooled(lambda file: image.save(file, "PNG", compress_level=4))
+    return spooled(lambda file: image.save(file, "JPEG" if options.format == "jpg" else "WEBP", quality=options.quality))
 
 
 def _row(key: str, record: dict, image: bytes) -> dict:

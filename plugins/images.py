@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 
 from sdbatch import hookimpl
 from sdbatch.api import Writer
 from sdbatch.metadata import a1111_fields, encode_user_comment, format_parameters, record_xmp
-from sdbatch.output import check_template, render_template
+from sdbatch.output import check_template, render_template, spooled
 
 DEFAULT_PATH = "{prompt_slug}/{seed}{axes}-{id}.{ext}"  # {axes}: the other sweep axes' values, if any
 
@@ -45,9 +44,8 @@ class ImageWriter(Writer):
     def write(self, result) -> list:
         context = self.context
         relpath = render_template(self.options.path, result.item, self.ext, context.job_name)
-        buffer = io.BytesIO()
-        self.encode(result, buffer)
-        record = context.out.write_bytes(relpath, buffer.getvalue(), result.item.id, self.name)
+        data = spooled(lambda file: self.encode(result, file))  # encoded with the GIL released
+        record = context.out.write_bytes(relpath, data, result.item.id, self.name)
         return [{**record.to_json(), "image": True}]
 
     def encode(self, result, buffer) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import string
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,6 +414,17 @@ class OutputDir:
 def _path_key(relpath: str) -> int:
     """A stable 64-bit key for a relative path (the index keeps these, not the strings)."""
     return int.from_bytes(hashlib.blake2b(relpath.encode(), digest_size=8).digest(), "little")
+
+
+def spooled(write) -> bytes:
+    """The bytes ``write(file)`` writes, through a real temporary file rather than a BytesIO.
+
+    Pillow encodes into a real file with the GIL released; into a BytesIO its JPEG encoder
+    holds it, so writer threads could not encode JPEGs at once. The bytes are the same."""
+    with tempfile.TemporaryFile() as spool:
+        write(spool)
+        spool.seek(0)
+        return spool.read()
 
 
 def atomic_write(target: Path, data: bytes) -> None:

@@ -333,3 +333,22 @@ def test_watermark_limits_stated_in_the_readme(write_job, tmp_path, capsys):
 
     assert exact(None) >= 3 and exact(90) >= 3
     assert exact(70) <= 1
+
+
+@pytest.mark.parametrize("fmt, options", [("PNG", {"compress_level": 4}), ("JPEG", {"quality": 92}),
+                                          ("WEBP", {"quality": 92})])
+def test_spooled_encoding_gives_the_bytes_of_an_in_memory_one(fmt, options):
+    # Writers encode into a real temporary file, where Pillow releases the GIL (into a BytesIO its
+    # JPEG encoder holds it; bench/bench_writers.py shows the threads' cpu/wall): the files stay
+    # byte for byte what they were.
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from sdbatch.output import spooled
+
+    image = Image.fromarray((np.random.default_rng(0).random((512, 512, 3)) * 40 + 100).astype("uint8"))
+    memory = io.BytesIO()
+    image.save(memory, fmt, **options)
+    assert spooled(lambda file: image.save(file, fmt, **options)) == memory.getvalue()
