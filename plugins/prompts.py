@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from sdbatch.rows import fixed_chunks
+
 CHUNK_TOKENS = 75  # prompt tokens per chunk; BOS and EOS make CLIP's 77
 COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit" default
 BREAK = ("BREAK", -1.0)  # A1111's marker fragment for a chunk break
@@ -392,7 +394,7 @@ def encode_many(tokenizer, encoder: Encoder, prompts: Sequence[str], *, emphasis
             outputs = [encoder(torch.tensor([chunk.tokens for chunk in chunks])) for chunks in chunked]
         else:
             every = torch.tensor([chunk.tokens for chunks in chunked for chunk in chunks])
-            outputs = _split(_grouped(encoder, every, group), [len(chunks) for chunks in chunked])
+            outputs = _grouped(encoder, every, group, [len(chunks) for chunks in chunked])
         results = []
         for chunks, (hidden, pooled) in zip(chunked, outputs):
             weights = torch.tensor([chunk.weights for chunk in chunks])
@@ -402,26 +404,17 @@ def encode_many(tokenizer, encoder: Encoder, prompts: Sequence[str], *, emphasis
     return results
 
 
-def _grouped(encoder: Encoder, ids, group: int):
-    """``encoder`` over ``ids`` in calls of exactly ``group`` rows: (hidden, pooled or None) of all rows."""
+def _grouped(encoder: Encoder, ids, group: int, counts: Sequence[int]) -> list:
+    """``encoder`` over ``ids`` in calls of exactly ``group`` rows, split back into each prompt's
+    ``counts`` chunks: [(hidden, pooled or None)] per prompt."""
     import torch
 
-    hiddens, pooleds = [], []
-    for start in range(0, len(ids), group):
-        rows = ids[start:start + group]
-        padded = torch.cat([rows, rows[-1:].expand(group - len(rows), -1)]) if len(rows) < group else rows
-        hidden, pooled = encoder(padded)
-        hiddens.append(hidden[:len(rows)])
-        pooleds.append(None if pooled is None else pooled[:len(rows)])
-    return torch.cat(hiddens), None if pooleds[0] is None else torch.cat(pooleds)
-
-
-def _split(encoded, counts: Sequence[int]) -> list:
-    """All prompts' (hidden, pooled) rows split back into each prompt's ``counts`` chunks."""
-    hidden, pooled = encoded
-    starts = [sum(counts[:index]) for index in range(len(counts))]
-    return [(hidden[start:start + count], None if pooled is None else pooled[start:start + count])
-            for start, count in zip(starts, counts)]
+    outputs = [encoder(rows) for rows in fixed_chunks(ids, group)]
+    hidden = torch.cat([hidden for hidden, _ in outputs])[:len(ids)].split(list(counts))
+    if outputs[0][1] is None:
+        return [(states, None) for states in hidden]
+    pooled = torch.cat([pooled for _, pooled in outputs])[:len(ids)].split(list(counts))
+    return list(zip(hidden, pooled))
 
 
 def pad_chunks(hiddens: Sequence, empty) -> list:

@@ -69,18 +69,15 @@ class Model:
         cache = self.extra.setdefault("prompt_cache", OrderedDict())
         settings = json.dumps(options, sort_keys=True)
         keys = [(self.cache_key, text, settings) for text in texts]
-        missing = list(dict.fromkeys(key[1] for key in keys if key not in cache))
+        missing = list(dict.fromkeys(text for key, text in zip(keys, texts) if key not in cache))
         if missing:
             import torch
 
             with torch.inference_mode():
                 encoded = self.family.encode_prompts(self, missing, options)
-            fresh = dict(zip(missing, encoded))
-        else:
-            fresh = {}
-        results = [fresh[key[1]] if key[1] in fresh else cache[key] for key in keys]
-        for key, result in zip(keys, results):
-            cache[key] = result
+            cache.update(((self.cache_key, text, settings), result) for text, result in zip(missing, encoded))
+        results = [cache[key] for key in keys]
+        for key in keys:
             cache.move_to_end(key)
         while len(cache) > PROMPT_CACHE_LIMIT:
             cache.popitem(last=False)

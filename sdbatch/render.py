@@ -22,7 +22,7 @@ from .api import BatchSplit, Extension, Item, RenderState, noised
 from .latents import initial_noise, item_generator
 from .models import Model, ModelCache, resolve_device
 from .plugins import plugin_errors
-from .rows import make_rows_independent, row_independent_kernels
+from .rows import fixed_chunks, make_rows_independent, pad_rows, row_independent_kernels
 
 
 @dataclass
@@ -53,9 +53,10 @@ class Renderer:
     def model_for(self, item: Item) -> Model:
         model = self.cache.get(self.model_infos[item.model], self.device, self.dtype)
         if self.batch_invariant and str(model.device) == "cpu" and not model.extra.get("batch_invariant"):
-            for part in ("unet", "transformer", "vae", "decoder"):  # the VAE for its kernels' speed: it goes row by row
-                if model.components.get(part) is not None:
-                    make_rows_independent(model.components[part])
+            # the VAEs too, for the direct kernels' speed (they decode row by row)
+            for part in (model.denoiser, model.components.get("vae"), model.components.get("decoder")):
+                if part is not None:
+                    make_rows_independent(part)
             model.extra["batch_invariant"] = True
         if not model.extra.get("speed_applied"):
             apply_speed_options(model)
@@ -344,15 +345,3 @@ def decode_rows(model: Model, shape) -> int:
     # the decoder's peak: a few full-resolution activations of its widest full-size block (128 ch at SD scale)
     per_row = 6 * height * width * 128 * torch.finfo(model.dtype).bits // 8
     return max(1, min(rows, total // 4 // per_row))
-
-
-def pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """``rows`` with copies of its last row appended up to ``count`` rows."""
-    if len(rows) >= count:
-        return rows
-    return torch.cat([rows, rows[-1:].expand(count - len(rows), *rows.shape[1:])])
-
-
-def fixed_chunks(rows: torch.Tensor, size: int) -> list:
-    """``rows`` in chunks of exactly ``size`` (the last padded with copies of the last row): one kernel shape."""
-    return [pad_rows(rows[start:start + size], size) for start in range(0, len(rows), size)]

@@ -47,6 +47,21 @@ def rows_matmul(rows, weight, bias=None):
     return out[:count] if padded else out
 
 
+def pad_rows(rows, count: int):
+    """``rows`` with copies of its last row appended up to ``count`` rows."""
+    import torch
+
+    if len(rows) >= count:
+        return rows
+    return torch.cat([rows, rows[-1:].expand(count - len(rows), *rows.shape[1:])])
+
+
+def fixed_chunks(rows, size: int) -> list:
+    """``rows`` in chunks of exactly ``size`` (the last padded with copies of the last row): one kernel
+    shape for every call, so on a GPU a row's result does not depend on the rows that share its call."""
+    return [pad_rows(rows[start:start + size], size) for start in range(0, len(rows), size)]
+
+
 def invariant_linear(x, weight, bias=None):
     """``F.linear`` for inputs of any rank as one row-independent GEMM."""
     flat = x.reshape(-1, x.shape[-1])

@@ -9,7 +9,8 @@ import torch
 
 from sdbatch.errors import JobError
 from sdbatch.job import load_job
-from sdbatch.render import Renderer, decode_rows, fixed_chunks
+from sdbatch.render import Renderer, decode_rows
+from sdbatch.rows import fixed_chunks
 
 pytestmark = pytest.mark.slow
 
