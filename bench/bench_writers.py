@@ -11,7 +11,9 @@ shard packing. Runs go one after another in this process.
 Default mode: for each format and size, the local executor with 1, 2 and all write
 threads, then (Ray started only now: its daemons would take CPU from the local runs) the
 Ray executor with 1, 2 and all workers writing (one thread each).
-Local scaling is rate(n) / (n x rate(1)); the target is >= 0.8. cpu/wall (this process's
+Local scaling is rate(n) / (n x rate(1)); the target is >= 0.8. Each local count runs
+--repeat times (default 3), the counts alternated, and the median run is reported: on a
+shared machine single runs of the fast formats (JPEG at 512: ~2 ms an item) vary by 30%. cpu/wall (this process's
 CPU seconds per wall second) shows whether the threads did run at once: on a machine
 shared with other busy processes, scaling measures the cores left free, cpu/wall the GIL. Under Ray the driver's
 CPU time per item (process time of this process, all its threads, from the first
@@ -163,8 +165,13 @@ def formats_table(args, work: Path) -> None:
         for name in args.formats:
             items = max(8, args.items * (8 if name == "jpeg" else 1) // (4 if size > 512 else 1))
             job = jobs[name, size] = write_job(work, size, items, FORMATS[name])
+            runs = {threads: [] for threads in counts}
+            for repeat in range(args.repeat):  # alternated, so a busy spell of the machine hits every count
+                for threads in counts:
+                    runs[threads].append(run_local(job, work / f"local-{name}-{size}-{threads}-{repeat}", size,
+                                                   threads))
             for threads in counts:
-                rate, busy = run_local(job, work / f"local-{name}-{size}-{threads}", size, threads)
+                rate, busy = sorted(runs[threads])[len(runs[threads]) // 2]  # the median run by rate
                 one[name, size] = one.get((name, size)) or rate
                 print(f"{name:11s} {size:5d} {'local x' + str(threads):12s} {rate:9.2f} "
                       f"{rate / (threads * one[name, size]):8.2f} {'':15s} {busy:8.2f}")
@@ -202,6 +209,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=48, help="items per run (PNG at 512x512)")
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="local runs per thread count, alternated; the median is reported")
     parser.add_argument("--ceiling-items", type=int, default=2000, help="items of the driver-ceiling run")
     parser.add_argument("--scaling", action="store_true", help="the simulated-GPU scaling run instead")
     parser.add_argument("--gpu-rate", type=float, default=6.0, help="simulated images/s per worker")

@@ -219,6 +219,7 @@ class OutputDir:
         self._writer_sets: list[tuple] = []
         self._reader = None
         self._cut_line = False
+        self._unsynced: set[Path] = set()  # folders holding renames not yet made durable (flush_folders)
         if not worker:
             self._read_manifest()
         run_files = self.root / RUN_FILES
@@ -300,6 +301,7 @@ class OutputDir:
                             ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n" for e in entries]
         if not lines:
             return
+        self.flush_folders()  # the files' renames are durable before the lines that name them
         with self._lock:
             with open_append(self.manifest_path) as handle:
                 if self._cut_line:  # a kill cut the last line: end it so ours stays readable
@@ -331,8 +333,22 @@ class OutputDir:
                     f"{target} already holds {who} with different content; refusing to overwrite it. "
                     "Use a path template with {id}, or another output folder."
                 )
-        atomic_write(target, data)
+        atomic_write(target, data, sync_folder=False)
+        with self._lock:  # added after the rename, so a flush that takes it covers this rename
+            self._unsynced.add(target.parent)
         return FileRecord(relpath, digest, writer)
+
+    def flush_folders(self) -> None:
+        """Make the renames of item files written so far durable: one fsync per folder, not per file.
+
+        record_all calls it before appending manifest lines; a worker that writes files for the
+        driver calls it before it hands back their records. A kill before then loses nothing:
+        the files' items are not in the manifest, so a resumed run writes them again.
+        """
+        with self._lock:
+            folders, self._unsynced = self._unsynced, set()
+        for folder in sorted(folders):
+            fsync_folder(folder)
 
     def write_run_file(self, relpath: str, data: bytes, writer: str) -> FileRecord:
         """Write a run-level file (a grid, an index); it replaces the one an earlier run made."""
@@ -417,18 +433,33 @@ def _path_key(relpath: str) -> int:
 
 
 def spooled(write) -> bytes:
-    """The bytes ``write(file)`` writes, through a real temporary file rather than a BytesIO.
+    """The bytes ``write(file)`` writes, through a real file rather than a BytesIO.
 
     Pillow encodes into a real file with the GIL released; into a BytesIO its JPEG encoder
-    holds it, so writer threads could not encode JPEGs at once. The bytes are the same."""
-    with tempfile.TemporaryFile() as spool:
+    holds it, so writer threads could not encode JPEGs at once. The bytes are the same.
+    The file lives in memory where the system allows (Linux's memfd): a temporary file on
+    disk would add a create and an unlink per image to the filesystem's journal, which the
+    writers' fsyncs then wait for."""
+    with _memory_file() as spool:
         write(spool)
         spool.seek(0)
         return spool.read()
 
 
-def atomic_write(target: Path, data: bytes) -> None:
+def _memory_file():
+    if hasattr(os, "memfd_create"):
+        try:
+            return os.fdopen(os.memfd_create("sdbatch-encode", getattr(os, "MFD_CLOEXEC", 0)), "w+b")
+        except OSError:  # a kernel without memfd
+            pass
+    return tempfile.TemporaryFile()
+
+
+def atomic_write(target: Path, data: bytes, sync_folder: bool = True) -> None:
     """Write to a temporary name in the same folder, fsync, rename over the target, fsync the folder.
+
+    ``sync_folder=False`` leaves the folder's fsync to the caller (OutputDir.flush_folders
+    does one for many files).
 
     The temporary name carries this process's pid; it is created afresh (never through a
     link someone planted there) and removed if anything fails, a full disk included.
@@ -442,10 +473,11 @@ def atomic_write(target: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
 
-    _replace_via(target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_MARK}"), target, write)
+    _replace_via(target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_MARK}"), target, write,
+                 sync_folder)
 
 
-def _replace_via(temp: Path, target: Path, write) -> None:
+def _replace_via(temp: Path, target: Path, write, sync_folder: bool = True) -> None:
     """``write(temp)``, rename it over ``target``, fsync the folder; whatever fails, no temporary stays."""
     _clear(temp)
     try:
@@ -454,7 +486,8 @@ def _replace_via(temp: Path, target: Path, write) -> None:
     except BaseException:  # a full disk, a conflict, an interrupt
         _clear(temp)
         raise
-    fsync_folder(target.parent)
+    if sync_folder:
+        fsync_folder(target.parent)
 
 
 def fsync_folder(folder) -> None:

@@ -112,14 +112,17 @@ class WorkerWriting:
 
         from .output import OutputDir
 
-        context = RunContext(self.job, OutputDir(self.root, worker=True), self.versions, self.job_name)
+        self.out = OutputDir(self.root, worker=True)
+        context = RunContext(self.job, self.out, self.versions, self.job_name)
         self.writers = make_writers(self.job, context)
         self.entries_of = {writer.name: registry.require("writer", writer.name) for writer in self.writers}
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sdbatch-worker-writer")
         return self
 
     def write(self, results: list) -> list[Written]:
-        return list(self.pool.map(lambda result: write_item(self.writers, self.entries_of, result), results))
+        written = list(self.pool.map(lambda result: write_item(self.writers, self.entries_of, result), results))
+        self.out.flush_folders()  # durable before the driver commits their manifest lines
+        return written
 
 
 def _local_threads() -> int:

@@ -189,7 +189,9 @@ def test_a_full_disk_stops_the_run_with_one_message_and_the_run_resumes(write_jo
         outputs: [png]
     """)
     out = tmp_path / "out"
-    _disk_full_after(monkeypatch, 3)  # job.yaml, then two images; the third image finds the disk full
+    # job.yaml (file, folder); the first batch's two images, their folder, the manifest; the third image
+    # finds the disk full
+    _disk_full_after(monkeypatch, 6)
     # one writer thread, so which write finds the disk full (and so what was committed) is fixed
     assert main(["run", str(job), "-o", str(out), "-q", "--write-threads", "1"]) == 1
     err = capsys.readouterr().err

@@ -352,3 +352,81 @@ def test_spooled_encoding_gives_the_bytes_of_an_in_memory_one(fmt, options):
     memory = io.BytesIO()
     image.save(memory, fmt, **options)
     assert spooled(lambda file: image.save(file, fmt, **options)) == memory.getvalue()
+
+
+# ---------------------------------------------------------------- the writer pool's commits
+class _SlowWriter:
+    """Writes each item's file through the output folder after a short wait (an encoder's time)."""
+
+    name, parallel = "slow", True
+
+    def __init__(self, out: OutputDir, seconds: float):
+        self.out, self.seconds = out, seconds
+
+    def write(self, result) -> list:
+        import time
+
+        time.sleep(self.seconds)
+        return [self.out.write_bytes(f"{result.item.id}.bin", result.item.id.encode(), result.item.id,
+                                     self.name).to_json()]
+
+
+class _Result:
+    def __init__(self, index: int):
+        self.item = Item(index, "model", "a prompt", "", index, 1, 1.0, "euler", 8, 8)
+        self.model_hash, self.seconds = "hash", 0.0
+
+
+class _Committer:
+    """Records each commit's items and how many folder flushes the output folder did before it."""
+
+    def __init__(self, out: OutputDir):
+        self.out, self.batches = out, []
+        self.progress = type("Progress", (), {"note": lambda *a: None, "update": lambda *a, **k: None})()
+
+    def commit(self, records: list) -> None:
+        self.out.record_all([Entry(r.item.id, r.item.index, r.files, {}) for r in records])
+        self.batches.append([r.item.id for r in records])
+
+
+def _pool(tmp_path, seconds: float, threads: int = 2):
+    from sdbatch.writing import WriterPool
+
+    out = OutputDir(tmp_path / "out")
+    writer = _SlowWriter(out, seconds)
+    committer = _Committer(out)
+    entry = type("Entry", (), {"name": "slow", "package": "tests", "module": "tests"})()
+    return out, committer, WriterPool([writer], {"slow": entry}, committer, lambda item: False, threads)
+
+
+def test_a_pool_that_keeps_up_commits_each_item_as_it_is_written(tmp_path):
+    import time
+
+    out, committer, pool = _pool(tmp_path, 0.001)
+    for index in range(6):  # a render loop slower than writing: each item is alone in the pool
+        pool.put([_Result(index)])
+        deadline = time.monotonic() + 10
+        while len(out) <= index and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert len(out) == index + 1  # committed before the next one is rendered
+    pool.close()
+    assert committer.batches == [[_Result(i).item.id] for i in range(6)]
+    out.close()
+
+
+def test_a_pool_behind_the_render_loop_commits_in_groups_in_plan_order(tmp_path, monkeypatch):
+    from sdbatch import output
+    from sdbatch.writing import COMMIT_GROUP
+
+    synced = []
+    monkeypatch.setattr(output, "fsync_folder", lambda folder: synced.append(folder))
+    out, committer, pool = _pool(tmp_path, 0.01)
+    pool.put([_Result(index) for index in range(40)])  # blocks while the queue is full: back-pressure
+    pool.close()
+    ids = [_Result(i).item.id for i in range(40)]
+    assert [i for batch in committer.batches for i in batch] == ids
+    assert max(map(len, committer.batches)) >= COMMIT_GROUP and len(committer.batches) <= 40 // COMMIT_GROUP + 2
+    # one fsync of the folder per commit, not one per file: the 40 renames share a handful
+    assert len(synced) == len(committer.batches)
+    assert all((out.root / f"{i}.bin").is_file() and out.is_done(i) for i in ids)
+    out.close()
