@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_animation.py [--job jobs/animation.yaml] [--out /tmp/bench-animation]
 
-Renders the job three times in this process: with ``interpolate.timing: uniform`` (the
+Renders the job three times in this process (``--probes N`` sets the even variants'
+pre-pass to N probes per segment): with ``interpolate.timing: uniform`` (the
 baseline, the frames of earlier versions), with ``timing: even, spread: segment`` (every
 keyframe on its frame) and with ``timing: even, spread: video`` (interior keyframes move
 with the measured change). Prints, for each, the largest consecutive-frame change over
@@ -73,7 +74,10 @@ def run(job: Path, interpolate: dict, out: Path, clock: Clock):
     from sdbatch.run import LocalExecutor
 
     data = yaml.safe_load(job.read_text())
-    data["animation"].setdefault("interpolate", {}).update(interpolate)
+    settings = data["animation"].setdefault("interpolate", {})
+    settings.update(interpolate)
+    if settings.get("timing") != "even":
+        settings.pop("probes", None)  # probes measure for even timing only
     variant = out.with_suffix(".yaml")
     variant.write_text(yaml.safe_dump(data, sort_keys=False))
     registry = load_registry()
@@ -86,6 +90,8 @@ def main() -> None:
     parser.add_argument("--job", type=Path, default=Path("jobs/animation.yaml"))
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp folder)")
     parser.add_argument("--repeat", type=int, default=0, help="re-run the video-spread variant N times for its cost")
+    parser.add_argument("--probes", type=int, default=None,
+                        help="interpolate.probes of the even variants (default: the job's, else sdbatch's)")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="bench-animation-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -93,6 +99,9 @@ def main() -> None:
     clock.install()
     runs = [("uniform", {"timing": "uniform", "spread": "segment"}), ("video", {"timing": "even", "spread": "video"}),
             ("segment", {"timing": "even", "spread": "segment"})]
+    if args.probes:
+        for name, interpolate in runs[1:]:
+            interpolate["probes"] = args.probes
     figures = {}
     for name, interpolate in runs:
         summary = run(args.job.resolve(), interpolate, root / name, clock)

@@ -85,6 +85,7 @@ class Timeline:
     loop: bool = False  # the last segment interpolates back to the first keyframe
     curves: dict | None = None  # segment key -> {"t": [...], "change": [...]}; None until measured
     spread: str = "segment"  # or "video": keyframes not pinned move with the measured change
+    probes: int | None = None  # the pre-pass's probes per segment; None: timing.BUDGET's share of its frames
     _layouts: dict = field(default_factory=dict, repr=False, compare=False)
     _written: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
@@ -254,6 +255,8 @@ def segment_key(start_item_id: str, segment: Segment, timeline: Timeline) -> str
     """What a segment's change curve depends on: its start frame's item, where it goes, how it mixes."""
     content = {"version": TIMING_VERSION, "start": start_item_id, "to": segment.end.to_json(),
                "span": segment.span, "embeddings": timeline.embeddings, "noise": timeline.noise}
+    if timeline.probes is not None:  # a budget of the user's: its own curve (the default's keys stay as they were)
+        content["probes"] = timeline.probes
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -26,6 +26,7 @@ from .yamlsource import Source, load_file, load_text
 MAX_SEED = 2**32 - 1
 MAX_ITEMS = 10**12
 MAX_FRAMES = 100_000  # over an hour at 24 fps; a longer animation is more likely a typo than a plan
+MAX_PROBES = 257  # per segment: t every 1/256 (finer than the pre-pass bisects, MIN_WIDTH 1/1024, rarely pays)
 _FRAME = re.compile(r"[0-9]{1,12}")  # ASCII digits only: int() also reads '٣' and '０'
 
 
@@ -58,6 +59,9 @@ class InterpolateSpec:
     spread: Literal["segment", "video"] = field(default="segment", metadata=_m(
         help="even timing per segment, or across the video: keyframes other than the first, last and pinned "
              "move so every segment's frames change the picture about equally"))
+    probes: int | None = field(default=None, metadata=_m(min=3, max=MAX_PROBES, help=(
+        "even timing's probes per segment (default: about a quarter of its frames, at least 3, so the "
+        "pre-pass costs under 30% of the render); more measure the change finer, and cost as much as frames")))
 
 
 @dataclass
@@ -666,11 +670,14 @@ class _Validator:
         if anim.interpolate.spread == "video" and anim.interpolate.timing != "even":
             self.fail(base + ("interpolate", "spread"), "spread: video moves keyframes by the change even timing "
                                                         "measures: it needs timing: even")
+        if anim.interpolate.probes is not None and anim.interpolate.timing != "even":
+            self.fail(base + ("interpolate", "probes"), "probes measure the change for even timing: it needs "
+                                                        "timing: even")
         if anim.loop and len(keyframes) < 2:
             self.fail(base + ("loop",), "a loop needs at least two keyframes to move between")
         timeline = Timeline(keyframes, anim.fps, anim.interpolate.embeddings, anim.interpolate.noise,
                             anim.interpolate.easing, timing=anim.interpolate.timing, loop=anim.loop,
-                            spread=anim.interpolate.spread)
+                            spread=anim.interpolate.spread, probes=anim.interpolate.probes)
         count = timeline.frames
         targets = self._axis_targets(uses)
         schedules = {}
