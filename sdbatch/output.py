@@ -220,6 +220,7 @@ class OutputDir:
         self._reader = None
         self._cut_line = False
         self._unsynced: set[Path] = set()  # folders holding renames not yet made durable (flush_folders)
+        self._unsynced_lock = threading.Lock()  # not _lock: that one is held across the manifest's fsync
         if not worker:
             self._read_manifest()
         run_files = self.root / RUN_FILES
@@ -334,7 +335,7 @@ class OutputDir:
                     "Use a path template with {id}, or another output folder."
                 )
         atomic_write(target, data, sync_folder=False)
-        with self._lock:  # added after the rename, so a flush that takes it covers this rename
+        with self._unsynced_lock:  # added after the rename, so a flush that takes it covers this rename
             self._unsynced.add(target.parent)
         return FileRecord(relpath, digest, writer)
 
@@ -345,7 +346,7 @@ class OutputDir:
         driver calls it before it hands back their records. A kill before then loses nothing:
         the files' items are not in the manifest, so a resumed run writes them again.
         """
-        with self._lock:
+        with self._unsynced_lock:
             folders, self._unsynced = self._unsynced, set()
         for folder in sorted(folders):
             fsync_folder(folder)
