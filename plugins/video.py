@@ -112,6 +112,10 @@ class VideoWriter(Writer):
                             [_segment_ends(entry) for entry in frames])
         report["loop"] = timeline.loop
         report.update(frames=len(images), fps=fps, video=relpath, axes=json.loads(key))
+        advice = timing_advice(report, timeline)
+        if advice:  # printed at the end of the run, and kept in the report
+            report["advice"] = advice
+            self.context.notes.setdefault("advice", []).append(f"{relpath}: {advice}")
         sidecar = relpath.rsplit(".", 1)[0] + ".smoothness.json"
         self.context.out.write_run_file(sidecar, json.dumps(report, indent=2).encode(), self.name)
         self.context.notes.setdefault("smoothness", {})[relpath] = report
@@ -157,6 +161,25 @@ def _segment_ends(entry) -> tuple | None:
 
 JUMP = 3.0  # a frame changing over this many times the median change is a jump
 DETOUR = 3.0  # mean colour (0-255) off the way between the keyframes that makes a frame a detour
+
+
+FINE_PROBES = 32  # per segment: every test animation under JUMP, at about one more render of the video
+
+
+def timing_advice(report: dict, timeline) -> str | None:
+    """What to change when a video jumps (its largest change over JUMP x the median); None when it does not."""
+    ratio = report.get("max_over_median")
+    if not ratio or ratio <= JUMP:
+        return None
+    frames = ", ".join(map(str, report["jumps"][:5])) + (" ..." if len(report["jumps"]) > 5 else "")
+    said = f"its largest frame-to-frame change is {ratio:.1f}x the median (jumps at frames {frames})"
+    if timeline.timing != "even":
+        return f"{said}; animation.interpolate.timing: even spaces frames by how much the picture changes"
+    if (timeline.probes or 0) < FINE_PROBES:
+        return (f"{said}; animation.interpolate.probes: {FINE_PROBES} measures the change finer (its pre-pass "
+                "costs about one more render of the video)")
+    return (f"{said}; the picture snaps faster than {timeline.probes} probes a segment resolve: more probes, more "
+            "frames, or a keyframe inside the snap")
 
 
 def smoothness(images, ends=None) -> dict:

@@ -192,6 +192,8 @@ def cmd_run(args) -> int:
             f"output: {args.output}",
             file=sys.stderr,
         )
+        for advice in summary.notes.get("advice", []):  # plugins' hints on what to change, one line each
+            print(f"sdbatch: {advice}", file=sys.stderr)
     return 1 if summary.failed else 0
 
 
