@@ -111,8 +111,8 @@ class WriterPool:
 
     Records ready in order are committed at once when nothing else is being written (a
     render loop slower than writing sees every item committed as it is done), and
-    otherwise in groups of COMMIT_GROUP: the disk's flushes (manifest, folders) serialise
-    writer threads, and one per group instead of two per item lets writing scale with cores.
+    otherwise in groups of COMMIT_GROUP: one fsync of the manifest and one per folder for a
+    group instead of two per item, which the disk would otherwise serialise across threads.
     A kill loses at most an uncommitted group's manifest lines; resume writes those items again.
     """
 
@@ -204,8 +204,10 @@ class WriterPool:
         run = 0
         while self.next_commit + run in self.ready:
             run += 1
-        outstanding = self.next_put - self.next_commit  # put and not committed, the ready run included
-        if run == 0 or not (force or run >= COMMIT_GROUP or run == outstanding):
+        # put and not committed, the ready run included (the render loop counts a put just after making it,
+        # so a record may be ready before it is counted: >=, not ==)
+        outstanding = self.next_put - self.next_commit
+        if run == 0 or not (force or run >= COMMIT_GROUP or run >= outstanding):
             return None
         batch = []
         for _ in range(run):
