@@ -33,11 +33,13 @@ import numpy as np
 
 BATCH_SECONDS, PICTURE_SECONDS = 0.45, 0.23
 RENDER_SECONDS = 7 * BATCH_SECONDS + 49 * PICTURE_SECONDS  # 49 frames in batches of 8
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # plugins.video's smoothness: the report's own measure
 
 
 def jobs() -> dict:
     """name -> job text: the four test animations and the example."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from test_animation import EVEN_PAIRS
 
     texts = {}
@@ -46,7 +48,7 @@ def jobs() -> dict:
                               for frame, (prompt, seed) in zip((0, 24, 48), pairs))
         texts[name] = (f"model: sdbatch-tiny\nsampler: DDIM\nsteps: 6\nbatch_size: 8\nanimation:\n  keyframes:\n"
                        f"{keyframes}\n  interpolate: {{timing: even, spread: video}}\noutputs: [frames]\n")
-    example = Path(__file__).resolve().parents[1] / "jobs" / "animation.yaml"
+    example = ROOT / "jobs" / "animation.yaml"
     texts["example"] = example.read_text()
     return texts
 
@@ -96,15 +98,14 @@ class Replay:
         return self.segments[segment][round(t * self.grid)]
 
     def video_max_over_median(self, curves: list, totals: list, frames: int = 48) -> float:
-        """Frames placed as spread: video places them from these curves; max/median of their changes."""
+        """Frames placed as spread: video places them from these curves; the smoothness report's max/median."""
+        from plugins.video import smoothness
         from sdbatch.animation import apportion, position_for
-        from sdbatch.timing import distance
 
         video = []
         for segment, (curve, count) in enumerate(zip(curves, apportion(frames, totals))):
             video += [self.picture(segment, position_for(curve, i / count)) for i in range(segment > 0, count + 1)]
-        steps = np.array([distance(a, b) for a, b in zip(video, video[1:])])
-        return float(steps.max() / np.median(steps))
+        return smoothness(video)["max_over_median"]
 
     def sdbatch(self, per_segment: int) -> tuple[float, float]:
         """(max/median, cost) of sdbatch.timing's own rounds with this many probes per segment; NaN where a

@@ -532,7 +532,7 @@ def test_apportion_and_spread_keyframes():
     assert [(k.prompt, k.hold, k.pin) for k in placed] == [(k.prompt, k.hold, k.pin) for k in kf]
 
 
-def _spread_job(write_job, tiny_model, spread="video", pin="", steps=3, probes=""):
+def _spread_job(write_job, tiny_model, spread="video", pin="", steps=3, probes=None):
     return write_job(f"""
         model: {tiny_model}
         sampler: DDIM
@@ -542,9 +542,9 @@ def _spread_job(write_job, tiny_model, spread="video", pin="", steps=3, probes="
             0:  {{prompt: "a red circle", seed: 1}}
             20: {{prompt: "a blue square", seed: 2{pin}}}
             40: {{prompt: "a green triangle", seed: 3}}
-          interpolate: {{timing: even, spread: {spread}{probes}}}
+          interpolate: {{timing: even, spread: {spread}{f", probes: {probes}" if probes else ""}}}
         outputs: [frames]
-    """, f"spread-{spread}{'-pinned' if pin else ''}{probes.strip(', :')}.yaml")
+    """, f"spread-{spread}{'-pinned' if pin else ''}{f'-probes{probes}' if probes else ''}.yaml")
 
 
 def _level(item):
@@ -624,7 +624,7 @@ def test_more_probes_resolve_a_snap_finer_under_their_own_curve_keys(write_job, 
     default = load_job(_spread_job(write_job, tiny_model), registry)
     measure_timing(default.plan, tmp_path / "default", _fake_render([]), len(default.plan), 8)
     rendered = []
-    finer = load_job(_spread_job(write_job, tiny_model, probes=", probes: 16"), registry)
+    finer = load_job(_spread_job(write_job, tiny_model, probes=16), registry)
     report = measure_timing(finer.plan, tmp_path / "finer", _fake_render(rendered), len(finer.plan), 8)
     assert 2 * (int(BUDGET * 20) + 1) < report["probes"] == len(rendered) <= 2 * 16
     assert not set(finer.plan.timeline.curves) & set(default.plan.timeline.curves)  # a budget of its own
@@ -656,12 +656,13 @@ def test_probes_out_of_range_or_without_even_timing_are_refused_at_their_line(va
     assert f"{path.name}:{line}:" in str(error.value) and "needs timing: even" in str(error.value)
 
 
-def test_probes_do_not_depend_on_the_batch_size(write_job, tiny_model, registry, tmp_path):
+@pytest.mark.parametrize("probes", [None, 16])
+def test_probes_do_not_depend_on_the_batch_size(probes, write_job, tiny_model, registry, tmp_path):
     from sdbatch.timing import measure_timing
 
     curves = []
     for batch_size in (1, 3, 8):
-        job = load_job(_spread_job(write_job, tiny_model), registry)
+        job = load_job(_spread_job(write_job, tiny_model, probes=probes), registry)
         measure_timing(job.plan, tmp_path / str(batch_size), _fake_render([]), len(job.plan), batch_size)
         curves.append({key: (curve["t"], curve["raw"]) for key, curve in job.plan.timeline.curves.items()})
     assert curves[0] == curves[1] == curves[2]  # rounds are sized by the group's budget, not by batches

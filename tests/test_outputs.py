@@ -378,7 +378,7 @@ class _Result:
 
 
 class _Committer:
-    """Records each commit's items and how many folder flushes the output folder did before it."""
+    """Commits through the output folder, as the run's Committer does, and records each commit's items."""
 
     def __init__(self, out: OutputDir):
         self.out, self.batches = out, []
