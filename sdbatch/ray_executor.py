@@ -121,7 +121,7 @@ class WorkerWriting:
 
     def write(self, results: list) -> list[Written]:
         written = list(self.pool.map(lambda result: write_item(self.writers, self.entries_of, result), results))
-        self.out.flush_folders()  # durable before the driver commits their manifest lines
+        self.out.make_durable()  # durable before the driver commits their manifest lines
         return written
 
 

@@ -64,7 +64,7 @@ def run_context(job, out_dir, lock: bool = True) -> RunContext:
 class LocalExecutor:
     """Renders in this process: batches items by batch key, writes on a pool of threads.
 
-    Writing (encoding, fsync) overlaps rendering on ``write_threads`` threads (default: one
+    Writing (encoding, file writes) overlaps rendering on ``write_threads`` threads (default: one
     per core), and the manifest line of an item is appended only once its files are durable.
     """
 

@@ -6,7 +6,7 @@ records into manifest lines in the driver, in the order it is given them. ``Writ
 is the local executor's: it writes on several threads, since PIL's encoders and zlib
 release the GIL, and commits in the order results were put, so the manifest reads as a
 one-thread run's would. Its queue is bounded: a render loop faster than writing waits.
-While writing lags rendering it commits in groups (one manifest fsync, one per folder);
+While writing lags rendering it commits in groups (one sync of the group's files, one manifest fsync);
 otherwise each record as soon as it is ready.
 """
 
@@ -111,8 +111,9 @@ class WriterPool:
 
     Records ready in order are committed at once when nothing else is being written (a
     render loop slower than writing sees every item committed as it is done), and
-    otherwise in groups of COMMIT_GROUP: one fsync of the manifest and one per folder for a
-    group instead of two per item, which the disk would otherwise serialise across threads.
+    otherwise in groups of COMMIT_GROUP: one sync of the group's files (OutputDir.make_durable)
+    and one fsync of the manifest, instead of several per item, which the disk would serialise
+    across threads.
     A kill loses at most an uncommitted group's manifest lines; resume writes those items again.
     """
 
@@ -172,7 +173,7 @@ class WriterPool:
     def _commit_in_order(self, sequence: int, written: Written | None) -> None:
         """File the record; if no thread is committing, become the committer until nothing is due.
 
-        Commits (two fsyncs) run outside ``order_lock``, so other threads file records and
+        Commits (two syncs) run outside ``order_lock``, so other threads file records and
         go on writing meanwhile; one committer at a time keeps the manifest in order.
         """
         with self.order_lock:

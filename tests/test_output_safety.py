@@ -153,16 +153,19 @@ def test_a_link_inside_the_folder_that_stays_inside_is_fine(tmp_path):
 
 # ---------------------------------------------------------------- a full disk
 def _disk_full_after(monkeypatch, writes: int):
-    """Make os.fsync fail with ENOSPC after ``writes`` calls (a write on a full disk)."""
-    real, calls = os.fsync, []
+    """Make os.write and os.fsync fail with ENOSPC after ``writes`` calls of either (a full disk)."""
+    calls = []
 
-    def fsync(fd):
-        calls.append(fd)
-        if len(calls) > writes:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd)
+    def failing(real):
+        def call(fd, *args):
+            calls.append(fd)
+            if len(calls) > writes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, *args)
+        return call
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "write", failing(os.write))
+    monkeypatch.setattr(os, "fsync", failing(os.fsync))
 
 
 def test_a_full_disk_leaves_no_temporary_and_no_partial_file(tmp_path, monkeypatch):
@@ -189,8 +192,8 @@ def test_a_full_disk_stops_the_run_with_one_message_and_the_run_resumes(write_jo
         outputs: [png]
     """)
     out = tmp_path / "out"
-    # job.yaml (file, folder); the first batch's two images, their folder, the manifest; the third image
-    # finds the disk full
+    # job.yaml (write, fsync, folder); the first batch's two images (a write each; one syncfs, not counted, makes
+    # them durable), the manifest; the third image finds the disk full
     _disk_full_after(monkeypatch, 6)
     # one writer thread, so which write finds the disk full (and so what was committed) is fixed
     assert main(["run", str(job), "-o", str(out), "-q", "--write-threads", "1"]) == 1

@@ -419,14 +419,46 @@ def test_a_pool_behind_the_render_loop_commits_in_groups_in_plan_order(tmp_path,
     from sdbatch.writing import COMMIT_GROUP
 
     synced = []
-    monkeypatch.setattr(output, "fsync_folder", lambda folder: synced.append(folder))
+    real_sync = output.sync_written
+    monkeypatch.setattr(output, "sync_written", lambda root, files, folders: (synced.append(len(files)),
+                                                                             real_sync(root, files, folders)))
     out, committer, pool = _pool(tmp_path, 0.01)
     pool.put([_Result(index) for index in range(40)])  # blocks while the queue is full: back-pressure
     pool.close()
     ids = [_Result(i).item.id for i in range(40)]
     assert [i for batch in committer.batches for i in batch] == ids
     assert max(map(len, committer.batches)) >= COMMIT_GROUP and len(committer.batches) <= 40 // COMMIT_GROUP + 2
-    # one fsync of the folder per commit, not one per file: the 40 renames share a handful
-    assert len(synced) == len(committer.batches)
+    # one sync per commit, not one per file: the 40 files share a handful
+    assert len(synced) == len(committer.batches) and sum(synced) == 40
     assert all((out.root / f"{i}.bin").is_file() and out.is_done(i) for i in ids)
+    out.close()
+
+
+@pytest.mark.parametrize("how", ["syncfs", "syncfs fails", "SDBATCH_SYNC=files"])
+def test_written_files_are_made_durable_at_once_before_their_manifest_lines(tmp_path, monkeypatch, how):
+    from sdbatch import output
+
+    if how == "syncfs fails":
+        monkeypatch.setattr(output, "_SYNCFS", [lambda fd: -1])
+    elif how == "SDBATCH_SYNC=files":
+        monkeypatch.setenv("SDBATCH_SYNC", "files")
+    elif not output._syncfs(tmp_path):
+        pytest.skip("this system has no syncfs")
+    out = OutputDir(tmp_path / "out")
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    for index in range(5):
+        out.write_bytes(f"{index % 2}/{index}.bin", b"x" * index, f"item{index}", "raw")
+    assert events == []  # writing syncs nothing: the commit does, once for all
+    out.record_all([Entry(f"item{index}", index, [{"path": f"{index % 2}/{index}.bin", "writer": "raw"}], {})
+                    for index in range(5)])
+    manifest = str(out.manifest_path)
+    if how == "syncfs":  # one syncfs made the files durable: only the manifest is fsynced
+        assert events == [manifest]
+    else:  # each file, then each folder, then the manifest
+        names = [str(out.root / f"{index % 2}/{index}.bin") for index in range(5)]
+        assert events == names + [str(out.root / "0"), str(out.root / "1"), manifest]
+    out.make_durable()
+    assert events[-1] == manifest  # nothing left to sync
     out.close()
