@@ -183,7 +183,8 @@ class Timeline:
             return None, None
         cache = (id(curves), keys)
         if cache not in self._layouts:
-            totals = [sum(curves[key]["raw"]) for key in keys]
+            # frames chosen among candidates say how many each segment takes; measured curves share them by change
+            totals = [curves[key].get("frames") or sum(curves[key]["raw"]) for key in keys]
             self._layouts[cache] = spread_keyframes(self.keyframes, totals[:len(self.keyframes) - 1]), keys
         return self._layouts[cache]
 

@@ -95,7 +95,7 @@ class LocalExecutor:
         started = time.monotonic()
         total = len(job.plan) if self.limit is None else min(self.limit, len(job.plan))
         summary = Summary(total=total)
-        self._time_frames(total)
+        reused = self._time_frames(total)
         writers = make_writers(job, self.context)
         finished = _finished_check(writers, out)
         if len(out) or any(type(w).covers is not Writer.covers for w in writers):  # a fresh run skips the scan
@@ -106,6 +106,14 @@ class LocalExecutor:
                             history=out.root / SUMMARY)
         entries_of = {w.name: self.registry.require("writer", w.name) for w in writers}  # names plugins in errors
         committer = Committer(writers, out, summary, progress, _record_failures)
+        if reused:  # frames the timing pre-pass rendered: written (and committed) now, so the stream skips them
+            early = WriterPool(writers, entries_of, committer, finished, self.write_threads)
+            try:
+                early.put(reused)
+            finally:
+                early.close()
+            early.check()
+            del reused
         sink = WriterPool(writers, entries_of, committer, finished, self.write_threads)
         try:
             self._render_batches(_batches(job.plan.items(0, total), self.batch_size, finished), sink, summary)
@@ -123,13 +131,17 @@ class LocalExecutor:
         atomic_write(out.root / SUMMARY, json.dumps(summary.to_json(), indent=2).encode())
         return summary
 
-    def _time_frames(self, total: int) -> None:
-        """Even-timed animations: measure the segments timing.json lacks, so the plan holds final frames."""
+    def _time_frames(self, total: int) -> list:
+        """Even-timed animations: measure the segments timing.json lacks, so the plan holds final frames.
+
+        Returns the frames the pre-pass already rendered (as candidates), for the run to write."""
         from .timing import measure_timing
 
-        report = measure_timing(self.job.plan, self.context.out.root, self._render_now, total, self.batch_size)
+        report, reused = measure_timing(self.job.plan, self.context.out.root, self._render_now, total,
+                                        self.batch_size)
         if report is not None:
             self.context.notes["timing"] = report
+        return reused
 
     def _render_now(self, batches: list) -> list:
         """Render batches outside the run's stream (the timing pre-pass), results in order; errors are raised."""
