@@ -2,8 +2,11 @@
 
     .venv/bin/python bench/bench_timing_budget.py [--out /tmp/timing-budget] [--grid 128]
 
-For the example (jobs/animation.yaml) and the test suite's four three-keyframe animations
-(tests/test_animation.py EVEN_PAIRS, 6 DDIM steps) it renders every segment's probes at
+Probes apart from frames (sdbatch.timing's rounds where frames cannot be candidates; the
+four test animations' default, candidate frames, is measured by rendering:
+bench_animation.py --test-animations). For the example (jobs/animation.yaml) and the test
+suite's four three-keyframe animations (tests/test_animation.py EVEN_PAIRS, 6 DDIM steps)
+it renders every segment's probes at
 t = k/grid once (about four minutes on two CPU cores; cached in --out, so a second run
 only replays), then replays, without rendering:
 
@@ -65,12 +68,14 @@ def dense_pictures(name: str, text: str, out: Path, grid: int) -> list:
     from sdbatch.run import LocalExecutor
 
     captured = []
-    first, budget, measure = timing.FIRST, timing.BUDGET, timing._measure
+    first, budget, measure, candidates = timing.FIRST, timing.BUDGET, timing._measure, timing._frames_are_candidates
     timing.FIRST, timing.BUDGET = tuple(k / grid for k in range(grid + 1)), 0.0  # one round: the whole grid
+    timing._frames_are_candidates = lambda *args: False  # probes at the grid's positions, not candidates
 
     def keep(groups, render, batch_size):
-        measure(groups, render, batch_size)
+        pictures = measure(groups, render, batch_size)
         captured.extend(probes for group in groups for probes in group.members)
+        return pictures
 
     timing._measure = keep
     try:
@@ -82,7 +87,7 @@ def dense_pictures(name: str, text: str, out: Path, grid: int) -> list:
         executor._time_frames(len(job.plan))
         executor.context.out.close()
     finally:
-        timing.FIRST, timing.BUDGET, timing._measure = first, budget, measure
+        timing.FIRST, timing.BUDGET, timing._measure, timing._frames_are_candidates = first, budget, measure, candidates
     segments = [np.stack([probes.pictures[t] for t in probes.ts]) for probes in captured]
     np.savez(cache, **{f"segment{i}": pictures for i, pictures in enumerate(segments)})
     return segments

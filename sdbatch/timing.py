@@ -151,9 +151,11 @@ def measure_timing(plan, root, render, total: int, batch_size: int) -> tuple[dic
                 todo.update(zip([keys[i] for i in missing], members))
                 if members:
                     groups.append(_Group(members))
-                if pool:
-                    end = _end_frame(segments[group[-1]], timeline)  # the next group's first frame, or the last
-                    ranges.append(range(base + segments[group[0]].first, min(total, base + max(end, 0) + 1)))
+                if pool:  # the group's frames from its keyframe's (hold included) to its end keyframe's (a loop's
+                    # way back ends before frame 0)
+                    last = segments[group[-1]]
+                    stop = last.last + 1 if _end_frame(last, timeline) else last.last
+                    ranges.append(range(base + segments[group[0]].start.frame, min(total, base + stop)))
     pictures = _measure(groups, render, batch_size)
     seconds = time.monotonic() - began
     curves = {}
@@ -201,7 +203,7 @@ def _frames_are_candidates(plan, base: int, segments: list) -> bool:
     if timeline.probes is not None or any((s.start.easing or timeline.easing) != "linear" for s in segments):
         return False
     keys = set()
-    for index in range(base + segments[0].first, base + segments[-1].last):
+    for index in range(base + segments[0].start.frame, base + segments[-1].last):
         content = {name: value for name, value in plan.item_at(index).to_json().items()
                    if name in CONTENT_FIELDS and name not in ("prompt", "negative_prompt", "seed")}
         content["extra"] = {k: v for k, v in content["extra"].items() if k != "animation"}

@@ -684,6 +684,26 @@ def test_an_eased_segment_or_a_users_budget_keeps_probes_apart_from_frames(write
         assert reused == [] and "frames_from_candidates" not in report, name
 
 
+def test_candidates_cover_holds_and_a_loops_way_back(write_job, tiny_model, registry, tmp_path):
+    """A held keyframe's frames and a loop's closing segment (its end is frame 0) come from candidates too."""
+    from sdbatch.timing import measure_timing
+
+    job = load_job(write_job(f"""
+        model: {tiny_model}
+        steps: 2
+        animation:
+          keyframes: {{0: {{prompt: "a red circle", seed: 1, hold: 3}}, 12: {{prompt: "a blue square", seed: 2}}}}
+          interpolate: {{timing: even}}
+          loop: true
+        outputs: [frames]
+    """), registry)
+    report, reused = measure_timing(job.plan, tmp_path, _fake_render([]), len(job.plan), 8)
+    frames = list(job.plan)
+    assert len(frames) == 12 + 9 and report["segments_measured"] == 2
+    assert [result.item.id for result in reused] == [frame.id for frame in frames]  # every one, holds included
+    assert {result.image.getpixel((0, 0)) for result in reused[:4]} == {reused[0].image.getpixel((0, 0))}
+
+
 @pytest.mark.slow
 def test_frames_taken_from_candidates_equal_frames_rendered_anew(write_job, registry, tmp_path):
     """On sdbatch-tiny: a run writes most frames from the pre-pass's candidates; a run given the same timing.json
