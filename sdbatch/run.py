@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -137,8 +138,9 @@ class LocalExecutor:
         Returns the frames the pre-pass already rendered (as candidates), for the run to write."""
         from .timing import measure_timing
 
+        say = None if self.quiet else lambda text: print(f"sdbatch: {text}", file=sys.stderr)
         report, reused = measure_timing(self.job.plan, self.context.out.root, self._render_now, total,
-                                        self.batch_size)
+                                        self.batch_size, say)
         if report is not None:
             self.context.notes["timing"] = report
         return reused

@@ -123,10 +123,11 @@ def load_timing(plan, root) -> dict:
     return saved
 
 
-def measure_timing(plan, root, render, total: int, batch_size: int) -> tuple[dict | None, list]:
+def measure_timing(plan, root, render, total: int, batch_size: int, say=None) -> tuple[dict | None, list]:
     """Measure the segments of the first ``total`` items that timing.json lacks.
 
-    ``render(batches)`` renders lists of probe items (in this process or on workers), results in order.
+    ``render(batches)`` renders lists of probe items (in this process or on workers), results in order;
+    ``say(text)``, if given, tells the user what the pre-pass does before and after it.
     Returns (what was done, or None without even timing; the frames whose pictures candidates already
     are: their rendered results, relabelled as the frames, for the run to write instead of rendering).
     """
@@ -156,6 +157,9 @@ def measure_timing(plan, root, render, total: int, batch_size: int) -> tuple[dic
                     last = segments[group[-1]]
                     stop = last.last + 1 if _end_frame(last, timeline) else last.last
                     ranges.append(range(base + segments[group[0]].start.frame, min(total, base + stop)))
+    if todo and say:
+        how = "candidate frames" if ranges else "probes"
+        say(f"even timing: measuring {len(todo)} animation segment{'s' * (len(todo) > 1)} ({how}) before rendering")
     pictures = _measure(groups, render, batch_size)
     seconds = time.monotonic() - began
     curves = {}
@@ -172,6 +176,10 @@ def measure_timing(plan, root, render, total: int, batch_size: int) -> tuple[dic
               "probes": sum(len(p.ts) for p in todo.values()), "pictures": pictures, "seconds": round(seconds, 3)}
     if ranges:
         report["frames_from_candidates"] = len(reused)
+    if todo and say:
+        taken = f"; {len(reused)} frames taken from them" if ranges else ""
+        say(f"even timing: {len(todo)} segment{'s' * (len(todo) > 1)} measured in {seconds:.1f}s from {pictures} "
+            f"pictures{taken} (saved in {TIMING_FILE})")
     return report, reused
 
 

@@ -704,6 +704,24 @@ def test_candidates_cover_holds_and_a_loops_way_back(write_job, tiny_model, regi
     assert {result.image.getpixel((0, 0)) for result in reused[:4]} == {reused[0].image.getpixel((0, 0))}
 
 
+def test_run_says_what_the_pre_pass_does(write_job, tiny_model, tmp_path, capsys):
+    from sdbatch.cli import main
+
+    job = write_job(f"""
+        model: {tiny_model}
+        steps: 2
+        animation:
+          keyframes: {{0: {{prompt: "a red circle", seed: 1}}, 6: {{prompt: "a blue square", seed: 2}}}}
+        outputs: [frames]
+    """)
+    assert main(["run", str(job), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "even timing: measuring 1 animation segment (candidate frames) before rendering" in err
+    assert "7 frames taken from them (saved in timing.json)" in err
+    assert main(["run", str(job), "-o", str(tmp_path / "out")]) == 0
+    assert "even timing" not in capsys.readouterr().err  # measured already: nothing to say
+
+
 @pytest.mark.slow
 def test_frames_taken_from_candidates_equal_frames_rendered_anew(write_job, registry, tmp_path):
     """On sdbatch-tiny: a run writes most frames from the pre-pass's candidates; a run given the same timing.json
