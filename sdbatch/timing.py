@@ -4,8 +4,8 @@ Candidates (the default where it applies). When every frame of a group of segmen
 would render exactly as a probe at its position does (linear easing, no per-frame
 schedule or input, no ``probes:`` budget; _frames_are_candidates), probes are candidate
 frames: t = 0 and 1 are the keyframes' own frames, positions sit on the frames' grid of t
-(POSITION_DIGITS), and the pre-pass bisects, in rounds of POOL_ROUND, the intervals of
-largest change until it holds the group's frames + 1 and POOL_EXTRA (15%) more. The
+(POSITION_DIGITS), and the pre-pass bisects, in rounds of CANDIDATES_ROUND, the intervals of
+largest change until it holds the group's frames + 1 and CANDIDATES_EXTRA (15%) more. The
 frames are then chosen among the candidates (_Group.select: a minimax path of exactly
 the group's frame count through every keyframe, each step's change measured between the
 two pictures, as the smoothness report does), saved as a curve that places frame i on
@@ -107,10 +107,10 @@ BUDGET = 0.23  # probes per segment beyond t = 0, as a fraction of its frames (a
 TOLERANCE = 1.5  # an interval holding more than this many frames' share of the change is bisected
 MIN_WIDTH = 1 / 1024  # in t: a jump narrower than this is a cut, not worth more probes
 DISTANCE_SIDE = 64
-POOL_FIRST = (0.0, 0.5, 1.0)  # candidates' first positions
-POOL_EXTRA = 0.15  # candidates beyond the group's frames + 1, as a fraction of them
-POOL_ROUND = 8  # candidates per bisection round of a group: fixed, so frames never depend on the batch size
-POOL_WINDOW = 64  # a frame's predecessor is among the 64 candidates before it (bounds the selection's cost)
+CANDIDATES_FIRST = (0.0, 0.5, 1.0)  # candidates' first positions
+CANDIDATES_EXTRA = 0.15  # candidates beyond the group's frames + 1, as a fraction of them
+CANDIDATES_ROUND = 8  # candidates per bisection round of a group: fixed, so frames never depend on the batch size
+SELECT_WINDOW = 64  # a frame's predecessor is among the 64 candidates before it (bounds the selection's cost)
 POSITION_DIGITS = 6  # animation.POSITION_DIGITS: probes sit where frames can
 
 
@@ -145,14 +145,15 @@ def measure_timing(plan, root, render, total: int, batch_size: int, say=None) ->
                 if base + segments[group[0]].first + 1 >= total:
                     continue
                 missing = [i for i in group if keys[i] not in saved["segments"] and keys[i] not in todo]
-                pool = len(missing) == len(group) and _frames_are_candidates(plan, base, [segments[i] for i in group])
+                candidates = len(missing) == len(group) and _frames_are_candidates(
+                    plan, base, [segments[i] for i in group])
                 members = [_Probes(plan.item_at(base + segments[i].first), segments[i], timeline,
-                                   plan.item_at(base + _end_frame(segments[i], timeline)) if pool else None)
+                                   plan.item_at(base + _end_frame(segments[i], timeline)) if candidates else None)
                            for i in missing]
                 todo.update(zip([keys[i] for i in missing], members))
                 if members:
                     groups.append(_Group(members))
-                if pool:  # the group's frames from its keyframe's (hold included) to its end keyframe's (a loop's
+                if candidates:  # the group's frames from its keyframe's (hold included) to its end keyframe's (a loop's
                     # way back ends before frame 0)
                     last = segments[group[-1]]
                     stop = last.last + 1 if _end_frame(last, timeline) else last.last
@@ -245,19 +246,19 @@ class _Probes:
 
     def __init__(self, start, segment, timeline, end=None):
         """``end``: the item of the frame showing the end keyframe; given, the probes are candidate frames
-        (pool), and t = 0 and t = 1 are the start and end keyframes' own frames."""
+        (candidates), and t = 0 and t = 1 are the start and end keyframes' own frames."""
         self.start, self.segment, self.timeline, self.end = start, segment, timeline, end
-        self.pool = end is not None
+        self.candidates = end is not None
         self.budget = timeline.probes or max(2, int(BUDGET * segment.span)) + 1
-        self.ts = list(POOL_FIRST if self.pool else FIRST)
+        self.ts = list(CANDIDATES_FIRST if self.candidates else FIRST)
         self.pictures: dict = {}
-        self.results: dict = {}  # t -> rendered result, kept for candidates (pool) only
+        self.results: dict = {}  # t -> rendered result, kept for candidates only
 
     def item(self, t: float):
         """The start frame's item moved to position t (candidates: at t = 0 and 1 the keyframes' frames)."""
-        if self.pool and t in (0, 1):
+        if self.candidates and t in (0, 1):
             return self.start if t == 0 else self.end
-        animation = {"frame": self.segment.first, "t": round(t, POSITION_DIGITS) if self.pool else t,
+        animation = {"frame": self.segment.first, "t": round(t, POSITION_DIGITS) if self.candidates else t,
                      "from": self.segment.start.to_json(), "to": self.segment.end.to_json(),
                      "embeddings": self.timeline.embeddings, "noise": self.timeline.noise}
         return replace(self.start, extra={**self.start.extra, "animation": animation})
@@ -296,16 +297,16 @@ class _Group:
     def __init__(self, members: list):
         self.members = members
         self.frames = sum(probes.segment.span for probes in members)
-        self.pool = all(probes.pool for probes in members)
-        if self.pool:  # candidates for every frame and the group's end, 15% more, and each segment's own end
-            self.budget = math.ceil((1 + POOL_EXTRA) * (self.frames + 1)) + len(members) - 1
+        self.candidates = all(probes.candidates for probes in members)
+        if self.candidates:  # candidates for every frame and the group's end, 15% more, and each segment's own end
+            self.budget = math.ceil((1 + CANDIDATES_EXTRA) * (self.frames + 1)) + len(members) - 1
         else:
             self.budget = sum(probes.budget for probes in members)
         self.rounds = 0
 
     def curves(self, seconds: float) -> list:
         """Each member's curve: frames chosen among the candidates, or (probes only) the measured change."""
-        chosen = self.select() if self.pool else None
+        chosen = self.select() if self.candidates else None
         if chosen is None:
             return [probes.curve(seconds) for probes in self.members]
         return [probes.chosen_curve(ts, raw, seconds) for probes, (ts, raw) in zip(self.members, chosen)]
@@ -334,7 +335,7 @@ class _Group:
         change = {}
         for j in range(1, count):
             low = max([start for start in starts if start < j], default=0)  # no step skips a keyframe
-            low = max(low, j - POOL_WINDOW)
+            low = max(low, j - SELECT_WINDOW)
             step = np.array([change.setdefault((i, j), distance(pictures[i], pictures[j])) for i in range(low, j)])
             worst = np.maximum(best[:-1, low:j], step[None, :])  # per number of steps, per predecessor
             i = np.argmin(worst, axis=1)  # of equals the earliest: deterministic
@@ -353,16 +354,16 @@ class _Group:
         return chosen
 
     def refine(self) -> bool:
-        return self._refine_pool() if self.pool else self._refine_probes()
+        return self._refine_candidates() if self.candidates else self._refine_probes()
 
-    def _refine_pool(self) -> bool:
-        """Halve the POOL_ROUND intervals of largest measured change (wider than MIN_WIDTH) while the budget
+    def _refine_candidates(self) -> bool:
+        """Halve the CANDIDATES_ROUND intervals of largest measured change (wider than MIN_WIDTH) while the budget
         lasts: candidates gather where the picture changes, so frames chosen among them can follow it."""
         intervals = []
         for probes in self.members:
             intervals += [(c, a, b, probes) for c, a, b in zip(probes.changes(), probes.ts, probes.ts[1:])
                           if b - a > MIN_WIDTH]
-        wanted = min(POOL_ROUND, self.budget - sum(len(probes.ts) for probes in self.members))
+        wanted = min(CANDIDATES_ROUND, self.budget - sum(len(probes.ts) for probes in self.members))
         chosen = sorted(intervals, key=lambda i: (-i[0], i[1], i[3].segment.first))[:max(0, wanted)]
         for _, a, b, probes in chosen:
             probes.ts = sorted(probes.ts + [(a + b) / 2])
@@ -424,7 +425,7 @@ def _measure(groups: list, render, batch_size: int) -> int:
         results = [by_key[key] for key in keys]
         for (probes, t), result in zip(wanted, results):
             probes.pictures[t] = downscaled(result.image)
-            if probes.pool:
+            if probes.candidates:
                 probes.results[t] = result
         active = [group for group in active if group.refine()]
     return pictures

@@ -547,7 +547,8 @@ def _spread_job(write_job, tiny_model, spread="video", pin="", steps=3, probes=N
           interpolate: {{timing: even, spread: {spread}{f", probes: {probes}" if probes else ""}}}
           {schedule}
         outputs: [frames]
-    """, f"spread-{spread}{'-pinned' if pin else ''}{f'-probes{probes}' if probes else ''}{'-c' if candidates else ''}.yaml")
+    """, f"spread-{spread}{'-pinned' if pin else ''}{f'-probes{probes}' if probes else ''}"
+       f"{'-candidates' if candidates else ''}.yaml")
 
 
 def _level(item):
@@ -609,7 +610,8 @@ def test_spread_video_moves_keyframes_with_the_measured_change(write_job, tiny_m
     levels = lambda plan: [_level(f) for f in plan]  # noqa: E731
     assert _max_over_median(levels(job.plan)) <= 3 < _max_over_median(levels(segment.plan))
     pinned = load_job(_spread_job(write_job, tiny_model, pin=", pin: true"), registry)
-    assert measure_timing(pinned.plan, tmp_path, _fake_render(rendered), len(pinned.plan), 8)[0]["segments_measured"] == 0
+    report, _ = measure_timing(pinned.plan, tmp_path, _fake_render(rendered), len(pinned.plan), 8)
+    assert report["segments_measured"] == 0
     assert [f.id for f in pinned.plan] == [f.id for f in segment.plan]  # nothing left to move
 
     # resume: a fresh plan reads timing.json and plans the same frames; so does `sdbatch plan -o`
@@ -637,14 +639,14 @@ def test_more_probes_resolve_a_snap_finer_under_their_own_curve_keys(write_job, 
 
 def test_frames_are_chosen_among_candidates_and_taken_from_them(write_job, tiny_model, registry, tmp_path):
     """Linear easing, no per-frame schedule: the probes are candidate frames, and the frames are chosen among them."""
-    from sdbatch.timing import POOL_EXTRA, measure_timing, pixel_key
+    from sdbatch.timing import CANDIDATES_EXTRA, measure_timing, pixel_key
 
     job = load_job(_spread_job(write_job, tiny_model, candidates=True), registry)
     rendered = []
     report, reused = measure_timing(job.plan, tmp_path, _fake_render(rendered), len(job.plan), batch_size=8)
     frames = list(job.plan)
     # candidates for the 41 frames and 15% more; the keyframe ending one segment and starting the next renders once
-    assert report["probes"] == math.ceil((1 + POOL_EXTRA) * 41) + 1
+    assert report["probes"] == math.ceil((1 + CANDIDATES_EXTRA) * 41) + 1
     assert report["pictures"] == len(rendered) == report["probes"] - 1 < 1.3 * len(frames)
     assert len({pixel_key(item) for item in rendered}) == len(rendered)
     # every frame is a candidate already rendered, the keyframes' (t = 0 and 1) included
