@@ -14,6 +14,7 @@ from .errors import DiskFull, SdbatchError
 from .output import OutputDir, atomic_write, open_append
 from .plugins import plugin_errors
 from .progress import Progress
+from .timing import drop_candidates
 from .writing import Committer, WriterPool, default_threads
 
 SUMMARY = "summary.json"
@@ -115,6 +116,7 @@ class LocalExecutor:
                 early.close()
             early.check()
             del reused
+        drop_candidates(out.root)  # the candidates' pictures: written, or not frames
         sink = WriterPool(writers, entries_of, committer, finished, self.write_threads)
         try:
             self._render_batches(_batches(job.plan.items(0, total), self.batch_size, finished), sink, summary)

@@ -16,7 +16,7 @@ frames rendered anew). The pre-pass so costs its unchosen candidates and its rou
 batches: 57 pictures in 8 batches for 49 frames where uniform timing renders 49 in 7.
 On the test suite's four animations spread over the video it measures 1.44, 1.84, 1.42
 and 2.34 (probes apart from frames at the default budget: 2.89 to 3.93). The candidates'
-pictures stay in memory until they are written (one picture per frame and 15%).
+pictures wait on disk until they are written (Spilled, in CANDIDATES_FOLDER).
 
 Probes (otherwise). For every segment of an animation with ``timing: even`` (per combination of the plan's
 other axes) it renders *probes*: the segment's start frame moved to interpolation
@@ -99,9 +99,10 @@ from pathlib import Path
 
 from .api import CONTENT_FIELDS
 from .errors import SdbatchError
-from .output import atomic_write
+from .output import TEMP_MARK, atomic_write
 
 TIMING_FILE = "timing.json"
+CANDIDATES_FOLDER = ".sdbatch-candidates"  # candidates' pictures until they are written (temporary files)
 FIRST = (0.0, 0.5, 1.0)  # probe positions before refining
 BUDGET = 0.23  # probes per segment beyond t = 0, as a fraction of its frames (at least 2)
 TOLERANCE = 1.5  # an interval holding more than this many frames' share of the change is bisected
@@ -161,7 +162,7 @@ def measure_timing(plan, root, render, total: int, batch_size: int, say=None) ->
     if todo and say:
         how = "candidate frames" if ranges else "probes"
         say(f"even timing: measuring {len(todo)} animation segment{'s' * (len(todo) > 1)} ({how}) before rendering")
-    pictures = _measure(groups, render, batch_size)
+    pictures = _measure(groups, render, batch_size, Path(root) / CANDIDATES_FOLDER)
     seconds = time.monotonic() - began
     curves = {}
     for group in groups:
@@ -406,9 +407,9 @@ class _Group:
         return bool(chosen)
 
 
-def _measure(groups: list, render, batch_size: int) -> int:
+def _measure(groups: list, render, batch_size: int, spill: Path | None = None) -> int:
     """Render rounds of probes for all groups together (in batches of ``batch_size``), refining until even;
-    the number of pictures rendered."""
+    the number of pictures rendered. Candidates' results are kept, their pictures in ``spill``."""
     active, pictures = list(groups), 0
     while active:
         wanted = [(probes, t) for group in active for probes in group.members for t in probes.missing()]
@@ -422,13 +423,48 @@ def _measure(groups: list, render, batch_size: int) -> int:
         if len(rendered) != len(items):
             raise SdbatchError("the timing pre-pass failed to render some probes; see failures above")
         by_key, pictures = dict(zip(unique, rendered)), pictures + len(rendered)
-        results = [by_key[key] for key in keys]
-        for (probes, t), result in zip(wanted, results):
+        kept = {}
+        for key, (probes, t) in zip(keys, wanted):
+            result = by_key[key]
             probes.pictures[t] = downscaled(result.image)
             if probes.candidates:
-                probes.results[t] = result
+                if key not in kept:
+                    kept[key] = Spilled(result, spill / f"{key[:32]}{TEMP_MARK}") if spill else result
+                probes.results[t] = kept[key]
+        del rendered, by_key
         active = [group for group in active if group.refine()]
     return pictures
+
+
+class Spilled:
+    """A candidate's result whose picture waits on disk, read back each time a writer asks for it: the
+    candidates of a long animation (every frame and 15% more) never sit in memory together. Lossless (the
+    pixels as a NumPy array), temporary (a kill leaves files the next run's tidy removes)."""
+
+    def __init__(self, result, path: Path):
+        import numpy as np
+
+        self.item, self.model_hash = getattr(result, "item", None), getattr(result, "model_hash", "")
+        self.seconds, self.outputs = getattr(result, "seconds", 0.0), getattr(result, "outputs", {})
+        self.path, self.mode = path, result.image.mode
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as handle:
+            np.save(handle, np.asarray(result.image), allow_pickle=False)
+
+    @property
+    def image(self):
+        import numpy as np
+        from PIL import Image
+
+        with open(self.path, "rb") as handle:
+            return Image.fromarray(np.load(handle, allow_pickle=False), self.mode)
+
+
+def drop_candidates(root) -> None:
+    """Remove the candidates' pictures once the frames taken from them are written."""
+    import shutil
+
+    shutil.rmtree(Path(root) / CANDIDATES_FOLDER, ignore_errors=True)
 
 
 def downscaled(image):

@@ -639,7 +639,7 @@ def test_more_probes_resolve_a_snap_finer_under_their_own_curve_keys(write_job, 
 
 def test_frames_are_chosen_among_candidates_and_taken_from_them(write_job, tiny_model, registry, tmp_path):
     """Linear easing, no per-frame schedule: the probes are candidate frames, and the frames are chosen among them."""
-    from sdbatch.timing import CANDIDATES_EXTRA, measure_timing, pixel_key
+    from sdbatch.timing import CANDIDATES_EXTRA, CANDIDATES_FOLDER, Spilled, measure_timing, pixel_key
 
     job = load_job(_spread_job(write_job, tiny_model, candidates=True), registry)
     rendered = []
@@ -654,8 +654,9 @@ def test_frames_are_chosen_among_candidates_and_taken_from_them(write_job, tiny_
     assert [result.item.id for result in reused] == [frame.id for frame in frames]
     candidates = {pixel_key(item) for item in rendered}
     assert all(pixel_key(frame) in candidates for frame in frames)
-    for result in reused:  # each carries its candidate's picture
-        assert result.image.getpixel((0, 0))[0] == int(round(_level(result.item)))
+    for result in reused:  # each carries its candidate's picture, kept on disk until written
+        assert isinstance(result, Spilled) and result.image.getpixel((0, 0))[0] == int(round(_level(result.item)))
+    assert len(list((tmp_path / CANDIDATES_FOLDER).iterdir())) == report["pictures"]
     curves = list(job.plan.timeline.curves.values())
     assert sum(curve["frames"] for curve in curves) == 40 and all(curve["candidates"] > 5 for curve in curves)
     levels = [_level(frame) for frame in frames]
@@ -708,6 +709,7 @@ def test_candidates_cover_holds_and_a_loops_way_back(write_job, tiny_model, regi
 
 def test_run_says_what_the_pre_pass_does(write_job, tiny_model, tmp_path, capsys):
     from sdbatch.cli import main
+    from sdbatch.timing import CANDIDATES_FOLDER
 
     job = write_job(f"""
         model: {tiny_model}
@@ -717,6 +719,7 @@ def test_run_says_what_the_pre_pass_does(write_job, tiny_model, tmp_path, capsys
         outputs: [frames]
     """)
     assert main(["run", str(job), "-o", str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out" / CANDIDATES_FOLDER).exists()  # written, then removed
     err = capsys.readouterr().err
     assert "even timing: measuring 1 animation segment (candidate frames) before rendering" in err
     assert "7 frames taken from them (saved in timing.json)" in err
