@@ -122,13 +122,20 @@ def bench(job: Path, root: Path, clock: Clock, args) -> None:
                      f"{wall:.1f} s / {uniform['wall']:.1f} s - 1 = {wall / uniform['wall'] - 1:.2f}")
         print(line, flush=True)
     if args.repeat:
-        extras, even_cpu, uniform_cpu = [], 0.0, 0.0
+        extras, shares, even_cpu, uniform_cpu = [], [], 0.0, 0.0
+        prepass_cpu, render_cpu = 0.0, 0.0
         for r in range(args.repeat):  # alternated, so a busy spell of the machine hits both
             run(job.resolve(), dict(runs[0][1]), root / f"uniform-repeat-{r}", clock)
             base = clock.cpu["render"]
             run(job.resolve(), dict(runs[1][1]), root / f"video-repeat-{r}", clock)
             extras.append(sum(clock.cpu.values()) / base - 1)
             even_cpu, uniform_cpu = even_cpu + sum(clock.cpu.values()), uniform_cpu + base
+            prepass_cpu, render_cpu = prepass_cpu + clock.cpu["prepass"], render_cpu + clock.cpu["render"]
+            if clock.cpu["render"]:
+                shares.append(clock.cpu["prepass"] / clock.cpu["render"])
+        if len(shares) == args.repeat:  # probes: the pre-pass's share of the even run's own render
+            print(f"{'':22s} pre-pass / render, CPU, {args.repeat} more runs: {', '.join(f'{x:.2f}' for x in shares)}"
+                  f"; pooled {prepass_cpu:.1f} s / {render_cpu:.1f} s = {prepass_cpu / render_cpu:.2f}", flush=True)
         print(f"{'':22s} extra over uniform, CPU, {args.repeat} more runs: {', '.join(f'{x:.2f}' for x in extras)}; "
               f"pooled {even_cpu:.1f} s / {uniform_cpu:.1f} s - 1 = {even_cpu / uniform_cpu - 1:.2f}", flush=True)
     ratio = figures["uniform"]["max_over_median"] / figures["video"]["max_over_median"]
