@@ -219,9 +219,7 @@ class OutputDir:
         self._writer_sets: list[tuple] = []
         self._reader = None
         self._cut_line = False
-        # item files written and renamed but not yet made durable (make_durable), and their folders
-        self._unsynced_files: list[Path] = []
-        self._unsynced: set[Path] = set()
+        self._unsynced: list[Path] = []  # item files written and renamed, not yet made durable (make_durable)
         self._unsynced_lock = threading.Lock()  # not _lock: that one is held across the manifest's fsync
         if not worker:
             self._read_manifest()
@@ -338,8 +336,7 @@ class OutputDir:
                 )
         atomic_write(target, data, sync=False)
         with self._unsynced_lock:  # added after the rename, so a sync that takes it covers this file
-            self._unsynced_files.append(target)
-            self._unsynced.add(target.parent)
+            self._unsynced.append(target)
         return FileRecord(relpath, digest, writer)
 
     def make_durable(self) -> None:
@@ -352,10 +349,9 @@ class OutputDir:
         file costs a journal commit each, and threads' commits queue behind one another.
         """
         with self._unsynced_lock:
-            files, self._unsynced_files = self._unsynced_files, []
-            folders, self._unsynced = self._unsynced, set()
+            files, self._unsynced = self._unsynced, []
         if files:
-            sync_written(self.root, files, folders)
+            sync_written(self.root, files)
 
     def write_run_file(self, relpath: str, data: bytes, writer: str) -> FileRecord:
         """Write a run-level file (a grid, an index); it replaces the one an earlier run made."""
@@ -382,8 +378,7 @@ class OutputDir:
             fill(path)
             digest = _sha256_file(path)
             self._claim_run_file(relpath, target, digest)
-            with open(path, "rb+") as handle:
-                os.fsync(handle.fileno())
+            fsync_file(path)
 
         _replace_via(temp, target, write)
         return FileRecord(relpath, digest, writer)
@@ -508,27 +503,32 @@ def _replace_via(temp: Path, target: Path, write, sync_folder: bool = True) -> N
 SYNC_ENV = "SDBATCH_SYNC"  # "files": an fsync per file and folder instead of one sync of the filesystem
 
 
-def sync_written(root: Path, files: list, folders) -> None:
-    """Make ``files`` (written and renamed, not yet synced) and their renames in ``folders`` durable.
+def sync_written(root: Path, files: list) -> None:
+    """Make ``files`` (written and renamed, not yet synced) and their renames durable.
 
     On Linux this is one syncfs(2) of the output's filesystem: a single journal commit for
     the whole group, where an fsync per file costs one each (JPEGs at 512x512 encode in
     about 1.5 ms, so per-file fsyncs were a third of a writer thread's time and two
     threads' fsyncs queued in the journal). syncfs also writes back other processes' dirty
     data on that filesystem; where that is a lot (a disk shared with a busy job), set
-    SDBATCH_SYNC=files. Elsewhere, or where syncfs fails, each file and folder is fsynced,
-    which raises the error (a full disk, a lost connection) for the file it belongs to.
+    SDBATCH_SYNC=files. Elsewhere, or where syncfs fails, each file and then each folder is
+    fsynced, which raises the error (a full disk, a lost connection) for the file it belongs to.
     """
     if os.environ.get(SYNC_ENV, "").strip().lower() != "files" and _syncfs(root):
         return
     for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    for folder in sorted(folders):
+        fsync_file(path)
+    for folder in sorted({Path(path).parent for path in files}):
         fsync_folder(folder)
+
+
+def fsync_file(path) -> None:
+    """Make a file's bytes durable; an error (a full disk, a lost connection) is raised."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _SYNCFS: list = []  # [libc's syncfs or None], looked up once

@@ -420,8 +420,8 @@ def test_a_pool_behind_the_render_loop_commits_in_groups_in_plan_order(tmp_path,
 
     synced = []
     real_sync = output.sync_written
-    monkeypatch.setattr(output, "sync_written", lambda root, files, folders: (synced.append(len(files)),
-                                                                             real_sync(root, files, folders)))
+    monkeypatch.setattr(output, "sync_written", lambda root, files: (synced.append(len(files)),
+                                                                    real_sync(root, files)))
     out, committer, pool = _pool(tmp_path, 0.01)
     pool.put([_Result(index) for index in range(40)])  # blocks while the queue is full: back-pressure
     pool.close()
@@ -462,3 +462,24 @@ def test_written_files_are_made_durable_at_once_before_their_manifest_lines(tmp_
     out.make_durable()
     assert events[-1] == manifest  # nothing left to sync
     out.close()
+
+
+def test_a_run_with_per_file_syncs_writes_the_same_files(write_job, tiny_model, tmp_path, monkeypatch):
+    """SDBATCH_SYNC=files (an fsync per item file, then per folder) renders and writes what the default does."""
+    job = write_job(f"""
+        model: {tiny_model}
+        steps: 2
+        batch_size: 2
+        sweep: {{seed: [1, 2, 3]}}
+        outputs: [png, jpeg]
+    """)
+    assert main(["run", str(job), "-o", str(tmp_path / "syncfs"), "-q"]) == 0
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setenv("SDBATCH_SYNC", "files")
+    assert main(["run", str(job), "-o", str(tmp_path / "files"), "-q"]) == 0
+    images = lambda out: {p.relative_to(out): p.read_bytes()  # noqa: E731
+                          for p in sorted(out.rglob("*")) if p.suffix in (".png", ".jpg")}
+    assert images(tmp_path / "files") == images(tmp_path / "syncfs") and len(images(tmp_path / "files")) == 6
+    assert all(str(tmp_path / "files" / path) in synced for path in images(tmp_path / "files"))  # each one fsynced
