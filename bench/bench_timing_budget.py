@@ -73,9 +73,9 @@ def dense_pictures(name: str, text: str, out: Path, grid: int) -> list:
     timing._frames_are_candidates = lambda *args: False  # probes at the grid's positions, not candidates
 
     def keep(groups, render, batch_size):
-        pictures = measure(groups, render, batch_size)
+        measured = measure(groups, render, batch_size)
         captured.extend(probes for group in groups for probes in group.members)
-        return pictures
+        return measured
 
     timing._measure = keep
     try:

@@ -61,11 +61,14 @@ class Item:
         """Stable 16-hex-digit id: sha256 of the canonical JSON of the content fields."""
         cached = self.__dict__.get("_id")
         if cached is None:
-            content = {name: _plain(getattr(self, name)) for name in CONTENT_FIELDS}
-            canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            canonical = json.dumps(self.content(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
             cached = hashlib.sha256(canonical.encode()).hexdigest()[:16]
             object.__setattr__(self, "_id", cached)
         return cached
+
+    def content(self) -> dict:
+        """The fields that decide the pixels (CONTENT_FIELDS), as plain data: what the id hashes."""
+        return {name: _plain(getattr(self, name)) for name in CONTENT_FIELDS}
 
     def batch_key(self) -> tuple:
         """Items with equal keys can share one denoising loop."""

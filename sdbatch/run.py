@@ -14,7 +14,7 @@ from .errors import DiskFull, SdbatchError
 from .output import OutputDir, atomic_write, open_append
 from .plugins import plugin_errors
 from .progress import Progress
-from .timing import drop_candidates
+from .timing import drop_candidates, load_timing, measure_timing
 from .writing import Committer, WriterPool, default_threads
 
 SUMMARY = "summary.json"
@@ -115,7 +115,6 @@ class LocalExecutor:
             finally:
                 early.close()
             early.check()
-            del reused
         drop_candidates(out.root)  # the candidates' pictures: written, or not frames
         sink = WriterPool(writers, entries_of, committer, finished, self.write_threads)
         try:
@@ -138,8 +137,6 @@ class LocalExecutor:
         """Even-timed animations: measure the segments timing.json lacks, so the plan holds final frames.
 
         Returns the frames the pre-pass already rendered (as candidates), for the run to write."""
-        from .timing import measure_timing
-
         say = None if self.quiet else lambda text: print(f"sdbatch: {text}", file=sys.stderr)
         report, reused = measure_timing(self.job.plan, self.context.out.root, self._render_now, total,
                                         self.batch_size, say)
@@ -285,7 +282,6 @@ def run_status(out_dir, registry) -> dict:
     if not job_file.is_file():
         raise SdbatchError(f"{out_dir} has no job.yaml: not an sdbatch output folder (or nothing ran yet)")
     from .job import load_job
-    from .timing import load_timing
 
     job = load_job(job_file, registry)
     load_timing(job.plan, out_dir)

@@ -4,7 +4,7 @@ Candidates (the default where it applies). When every frame of a group of segmen
 would render exactly as a probe at its position does (linear easing, no per-frame
 schedule or input, no ``probes:`` budget; _frames_are_candidates), probes are candidate
 frames: t = 0 and 1 are the keyframes' own frames, positions sit on the frames' grid of t
-(POSITION_DIGITS), and the pre-pass bisects, in rounds of CANDIDATES_ROUND, the intervals of
+(animation.POSITION_DIGITS), and the pre-pass bisects, in rounds of CANDIDATES_ROUND, the intervals of
 largest change until it holds the group's frames + 1 and CANDIDATES_EXTRA (15%) more. The
 frames are then chosen among the candidates (_Group.select: a minimax path of exactly
 the group's frame count through every keyframe, each step's change measured between the
@@ -97,7 +97,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .api import CONTENT_FIELDS
+from .animation import POSITION_DIGITS
 from .errors import SdbatchError
 from .output import TEMP_MARK, atomic_write
 
@@ -108,11 +108,9 @@ BUDGET = 0.23  # probes per segment beyond t = 0, as a fraction of its frames (a
 TOLERANCE = 1.5  # an interval holding more than this many frames' share of the change is bisected
 MIN_WIDTH = 1 / 1024  # in t: a jump narrower than this is a cut, not worth more probes
 DISTANCE_SIDE = 64
-CANDIDATES_FIRST = (0.0, 0.5, 1.0)  # candidates' first positions
 CANDIDATES_EXTRA = 0.15  # candidates beyond the group's frames + 1, as a fraction of them
 CANDIDATES_ROUND = 8  # candidates per bisection round of a group: fixed, so frames never depend on the batch size
 SELECT_WINDOW = 64  # a frame's predecessor is among the 64 candidates before it (bounds the selection's cost)
-POSITION_DIGITS = 6  # animation.POSITION_DIGITS: probes sit where frames can
 
 
 def load_timing(plan, root) -> dict:
@@ -162,7 +160,7 @@ def measure_timing(plan, root, render, total: int, batch_size: int, say=None) ->
     if todo and say:
         how = "candidate frames" if ranges else "probes"
         say(f"even timing: measuring {len(todo)} animation segment{'s' * (len(todo) > 1)} ({how}) before rendering")
-    pictures = _measure(groups, render, batch_size, Path(root) / CANDIDATES_FOLDER)
+    pictures, candidates = _measure(groups, render, batch_size, Path(root) / CANDIDATES_FOLDER)
     seconds = time.monotonic() - began
     curves = {}
     for group in groups:
@@ -173,7 +171,7 @@ def measure_timing(plan, root, render, total: int, batch_size: int, say=None) ->
         saved["distance"] = f"mean |RGB difference| (0-255) of probes box-filtered to {DISTANCE_SIDE}px"
         atomic_write(Path(root) / TIMING_FILE, json.dumps(saved, indent=1).encode())
     timeline.curves = saved["segments"]
-    reused = _reused_frames(plan, ranges, groups)
+    reused = _reused_frames(plan, ranges, candidates)
     report = {"segments_measured": len(todo), "segments_saved": len(saved["segments"]),
               "probes": sum(len(p.ts) for p in todo.values()), "pictures": pictures, "seconds": round(seconds, 3)}
     if ranges:
@@ -190,7 +188,7 @@ def pixel_key(item) -> str:
     timing state, its keyframes' frames): a candidate and a frame with equal keys have equal pixels."""
     import hashlib
 
-    content = {name: value for name, value in item.to_json().items() if name in CONTENT_FIELDS}
+    content = item.content()
     animation = dict(content["extra"].get("animation") or {})
     for label in ("frame", "timing"):
         animation.pop(label, None)
@@ -214,8 +212,9 @@ def _frames_are_candidates(plan, base: int, segments: list) -> bool:
         return False
     keys = set()
     for index in range(base + segments[0].start.frame, base + segments[-1].last):
-        content = {name: value for name, value in plan.item_at(index).to_json().items()
-                   if name in CONTENT_FIELDS and name not in ("prompt", "negative_prompt", "seed")}
+        content = plan.item_at(index).content()
+        for field in ("prompt", "negative_prompt", "seed"):  # the keyframe's: the same for a probe and a frame
+            del content[field]
         content["extra"] = {k: v for k, v in content["extra"].items() if k != "animation"}
         keys.add(json.dumps(content, sort_keys=True, ensure_ascii=False))
         if len(keys) > 1:
@@ -223,23 +222,18 @@ def _frames_are_candidates(plan, base: int, segments: list) -> bool:
     return True
 
 
-def _reused_frames(plan, ranges: list, groups: list) -> list:
+def _reused_frames(plan, ranges: list, candidates: dict) -> list:
     """The planned frames of candidate groups whose pictures a candidate already is, as its results (any
     candidate with a frame's pixel key renders that frame's pixels: the chosen ones and the keyframes')."""
-    rendered = {}
-    for group in groups:
-        for probes in group.members:
-            for t, result in probes.results.items():
-                rendered[pixel_key(probes.item(t))] = result
-    reused = {}
+    reused = []
     for index in sorted({index for frames in ranges for index in frames}):
         item = plan.item_at(index)
-        result = rendered.get(pixel_key(item))
+        result = candidates.get(pixel_key(item))
         if result is not None:
             relabelled = copy.copy(result)  # the frame's own item (its number, its labels), the same pixels
             relabelled.item = item
-            reused[index] = relabelled
-    return list(reused.values())
+            reused.append(relabelled)
+    return reused
 
 
 class _Probes:
@@ -251,9 +245,8 @@ class _Probes:
         self.start, self.segment, self.timeline, self.end = start, segment, timeline, end
         self.candidates = end is not None
         self.budget = timeline.probes or max(2, int(BUDGET * segment.span)) + 1
-        self.ts = list(CANDIDATES_FIRST if self.candidates else FIRST)
+        self.ts = list(FIRST)
         self.pictures: dict = {}
-        self.results: dict = {}  # t -> rendered result, kept for candidates only
 
     def item(self, t: float):
         """The start frame's item moved to position t (candidates: at t = 0 and 1 the keyframes' frames)."""
@@ -407,33 +400,36 @@ class _Group:
         return bool(chosen)
 
 
-def _measure(groups: list, render, batch_size: int, spill: Path | None = None) -> int:
-    """Render rounds of probes for all groups together (in batches of ``batch_size``), refining until even;
-    the number of pictures rendered. Candidates' results are kept, their pictures in ``spill``."""
-    active, pictures = list(groups), 0
+def _measure(groups: list, render, batch_size: int, spill: Path | None = None) -> tuple[int, dict]:
+    """Render rounds of probes for all groups together (in batches of ``batch_size``), refining until even.
+
+    Returns the number of pictures rendered and the candidates' results by pixel key, their pictures
+    kept in ``spill`` (Spilled). A picture wanted twice (a keyframe's frame ends one segment and starts
+    the next) is rendered once."""
+    active, pictures, candidates = list(groups), 0, {}
     while active:
         wanted = [(probes, t) for group in active for probes in group.members for t in probes.missing()]
-        # a keyframe's frame ends one segment and starts the next: rendered once
-        keys = [pixel_key(probes.item(t)) for probes, t in wanted]
-        unique = {}
-        for key, (probes, t) in zip(keys, wanted):
-            unique.setdefault(key, probes.item(t))
+        unique = {}  # pixel key -> item
+        keys = []
+        for probes, t in wanted:
+            item = probes.item(t)
+            keys.append(pixel_key(item))
+            unique.setdefault(keys[-1], item)
         items = list(unique.values())
         rendered = render([items[start:start + batch_size] for start in range(0, len(items), batch_size)])
         if len(rendered) != len(items):
             raise SdbatchError("the timing pre-pass failed to render some probes; see failures above")
-        by_key, pictures = dict(zip(unique, rendered)), pictures + len(rendered)
-        kept = {}
+        pictures += len(rendered)
+        by_key = dict(zip(unique, rendered))
+        small = {key: downscaled(result.image) for key, result in by_key.items()}
         for key, (probes, t) in zip(keys, wanted):
-            result = by_key[key]
-            probes.pictures[t] = downscaled(result.image)
-            if probes.candidates:
-                if key not in kept:
-                    kept[key] = Spilled(result, spill / f"{key[:32]}{TEMP_MARK}") if spill else result
-                probes.results[t] = kept[key]
+            probes.pictures[t] = small[key]
+            if probes.candidates and key not in candidates:
+                result = by_key[key]
+                candidates[key] = Spilled(result, spill / f"{key[:32]}{TEMP_MARK}") if spill else result
         del rendered, by_key
         active = [group for group in active if group.refine()]
-    return pictures
+    return pictures, candidates
 
 
 class Spilled:
