@@ -728,9 +728,10 @@ def test_run_says_what_the_pre_pass_does(write_job, tiny_model, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_frames_taken_from_candidates_equal_frames_rendered_anew(write_job, registry, tmp_path):
-    """On sdbatch-tiny: a run writes most frames from the pre-pass's candidates; a run given the same timing.json
-    renders every frame itself; the files are the same, byte for byte."""
+def test_frames_taken_from_candidates_equal_frames_rendered_anew(write_job, registry, tmp_path, kill_run_after):
+    """On sdbatch-tiny: a run writes its frames from the pre-pass's candidates; a run given the same timing.json
+    renders every frame itself, a killed run resumes, a run at batch size 1 re-batches: the files are the same,
+    byte for byte."""
     import shutil
 
     from sdbatch.run import LocalExecutor
@@ -742,17 +743,26 @@ def test_frames_taken_from_candidates_equal_frames_rendered_anew(write_job, regi
         animation:
           keyframes:
             0: {prompt: "a large red circle in the centre, on a blue background", seed: 1}
-            12: {prompt: "a large green square in the centre, on a blue background", seed: 2}
+            24: {prompt: "a large green square in the centre, on a blue background", seed: 2}
           interpolate: {timing: even}
         outputs: [frames]
     """)
     first = LocalExecutor(load_job(path, registry), registry, tmp_path / "first", quiet=True).run()
-    assert first.notes["timing"]["frames_from_candidates"] == first.rendered == 13
+    assert first.notes["timing"]["frames_from_candidates"] == first.rendered == 25
     (tmp_path / "anew").mkdir()
     shutil.copy(tmp_path / "first" / "timing.json", tmp_path / "anew" / "timing.json")
     anew = LocalExecutor(load_job(path, registry), registry, tmp_path / "anew", quiet=True).run()
-    assert anew.notes["timing"]["segments_measured"] == 0 and anew.rendered == 13
-    assert _frames(tmp_path / "anew") == _frames(tmp_path / "first") and len(_frames(tmp_path / "first")) == 13
+    assert anew.notes["timing"]["segments_measured"] == 0 and anew.rendered == 25
+    assert _frames(tmp_path / "anew") == _frames(tmp_path / "first") and len(_frames(tmp_path / "first")) == 25
+
+    killed = tmp_path / "killed"
+    assert 5 <= kill_run_after(path, killed, finished=5) < 25  # while the candidates' frames are written
+    result = _run(path, killed)
+    assert result.returncode == 0, result.stderr
+    assert _frames(killed) == _frames(tmp_path / "first")
+    result = _run(path, tmp_path / "single", "--batch-size", "1")
+    assert result.returncode == 0, result.stderr
+    assert _frames(tmp_path / "single") == _frames(tmp_path / "first")
 
 
 @pytest.mark.parametrize("value, message", [("2", "at least 3"), ("300", "at most 257"), ("many", "integer")])
